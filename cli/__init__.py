@@ -1,0 +1,1 @@
+"""The ``targetgen`` command line (typer)."""

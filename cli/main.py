@@ -1,0 +1,125 @@
+"""``targetgen``: train, sample and inspect decomposed GAN runs.
+
+Every command turns a ``TargetgenError`` into one line on stderr and exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from targetgen.errors import TargetgenError
+
+app = typer.Typer(
+    help="Train image generators by separating target generation from regression.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one config value, e.g. --set targets.options.lambda1=0.25 (repeatable)."),
+]
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in digits defaults).")] = None,
+    set_: SetOption = None,
+    targets: Annotated[Optional[str], typer.Option(help="Target source: standard, inversion, or any installed plugin. Its options start from its defaults unless the config names the same source.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides epochs).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Train this many epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: the run goes to <out-dir>/<name>.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Folder holding run directories (default runs/).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of the same name.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a generator; writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory."""
+    from targetgen.config import load_config
+    from targetgen.training import config_of_run, new_run_dir
+    from targetgen.training import train as run_training
+
+    overrides = list(set_ or [])
+    for key, value in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size), ("seed", seed),
+                       ("name", name), ("out_dir", out_dir), ("device", device)):
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    if resume is not None:
+        if config is not None or targets is not None or overwrite:
+            raise TargetgenError("--resume continues a run with its saved config; drop --config, --targets and --overwrite")
+        cfg = config_of_run(resume, overrides)
+        run_dir = resume
+        console.print(f"resuming [bold]{run_dir}[/]")
+    else:
+        cfg = load_config(config, overrides, targets)
+        run_dir = new_run_dir(cfg, overwrite)
+    run = run_training(cfg, run_dir, resume=resume is not None, progress=progress)
+    console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {run.total_steps} steps")
+    console.print(f"samples:    {run_dir / 'samples'}")
+    console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
+    console.print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}")
+
+
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("samples.png"),
+    seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
+) -> None:
+    """Write a grid of samples from the run's latest checkpoint."""
+    import torch
+
+    from targetgen.models import latent_shape
+    from targetgen.samples import generate, save_samples
+    from targetgen.training import load_trained
+
+    if n < 1:
+        raise TargetgenError(f"--n: expected a positive number of samples, got {n}")
+    run = load_trained(run_dir)
+    z = torch.randn(n, *latent_shape(run.data.image_shape, run.config.model.nz), generator=torch.Generator().manual_seed(seed))
+    samples = generate(run.strategy.sampling_generator(), z.to(run.device))
+    data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
+    save_samples(samples, out, data, title=f"{run_dir.name}")
+    console.print(f"wrote {n} samples to {out}")
+
+
+@app.command()
+def plugins() -> None:
+    """List installed plugins by group, with their distribution and whether they load."""
+    from rich.table import Table
+
+    from targetgen.registry import survey
+
+    table = Table("group", "name", "distribution", "status")
+    for row in survey():
+        status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
+        table.add_row(row.group, row.name, row.distribution, status)
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except TargetgenError as err:
+        err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; continue with --resume <run directory> (from the last checkpoint)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""targetgen's first-party plugins, registered through entry points like any other."""

@@ -1,0 +1,170 @@
+"""Discriminator inversion (Algorithm 1 of Weber, "Exploiting the Hidden Tasks of GANs").
+
+Each step: train the discriminator once on real vs generated data, then turn
+its label "real" into data-space targets by N1 gradient steps on the samples:
+
+    x' ← x' − (λ1 / N1) ∇x' [ δ1(D(x'), real) + Σ wᵣ Rᵣ(x', x) ]
+
+δ1 is mean-reduced, like the GAN loss, so that regressing the generator onto
+x' with summed ½‖G(z) − x'‖² and step λ2 = η / λ1 is exactly the standard GAN
+generator step of size η.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from targetgen import Batch, TargetGenerator, Targets, TrainingContext, registry
+from targetgen.errors import ConfigError
+from targetgen.models import forward_preserving_buffers
+from targetgen.schedules import scheduled
+
+
+@dataclass
+class InversionOptions:
+    lambda1: float = 1.0  # λ1, the inversion step size (split over N1 steps)
+    steps: int = 1  # N1
+    discrepancy: Literal["bce", "l2", "hinge", "wasserstein"] = "bce"  # δ1 towards "real"
+    regularizers: dict[str, float] = field(default_factory=dict)  # e.g. {tv: 0.01}
+    clamp: bool = False  # project x' onto [-1, 1] after every inversion step
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # λ1 over the run
+    final_fraction: float = 0.0  # linear / cosine: λ1 at the end, as a fraction of lambda1
+    d_loss: Literal["bce", "lsgan", "hinge", "wgan-gp"] = "bce"  # how the discriminator is trained
+    d_lr: float = 0.0002
+    d_betas: tuple[float, float] = (0.5, 0.999)
+    gp_weight: float = 10.0  # wgan-gp only
+
+
+def _ones_like(output: Tensor) -> Tensor:
+    return torch.ones_like(output)
+
+
+def discrepancy(output: Tensor, kind: str, probabilities: bool) -> Tensor:
+    """δ1(D(x), "real"), mean-reduced. ``probabilities``: D ends in a Sigmoid."""
+    if kind == "bce":
+        if probabilities:
+            return F.binary_cross_entropy(output, _ones_like(output))
+        return F.binary_cross_entropy_with_logits(output, _ones_like(output))
+    if kind == "l2":
+        return (output - 1.0).pow(2).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - output).mean()
+    return -output.mean()  # wasserstein
+
+
+def _d_terms(kind: str, out_real: Tensor | None, out_fake: Tensor | None) -> Tensor:
+    """The discriminator loss split into its real and its fake term (one is None)."""
+    out = out_real if out_real is not None else out_fake
+    is_real = out_real is not None
+    if kind == "bce":  # the tutorial: BCELoss on a Sigmoid output, labels 1 and 0
+        label = torch.full_like(out, 1.0 if is_real else 0.0)
+        return F.binary_cross_entropy(out, label)
+    if kind == "lsgan":
+        return 0.5 * (out - (1.0 if is_real else 0.0)).pow(2).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - out).mean() if is_real else F.relu(1.0 + out).mean()
+    return -out.mean() if is_real else out.mean()  # wgan-gp, without its penalty
+
+
+class DiscriminatorInversion(TargetGenerator):
+    """Targets are the discriminator's label "real" inverted into data space."""
+
+    name = "inversion"
+    Options = InversionOptions
+
+    def __init__(self, options: InversionOptions, context: TrainingContext):
+        super().__init__(options, context)
+        if options.lambda1 <= 0:
+            raise ConfigError(f"targets.options.lambda1: expected λ1 > 0, got {options.lambda1}")
+        if options.steps < 1:
+            raise ConfigError(f"targets.options.steps: expected N1 >= 1, got {options.steps}")
+        self.regularizers = [(registry.load("regularizers", n), w) for n, w in options.regularizers.items() if w]
+        self.netD = context.make_discriminator(sigmoid=options.d_loss == "bce").to(context.device)
+        self.optimizerD = torch.optim.Adam(self.netD.parameters(), lr=options.d_lr, betas=options.d_betas)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def propose(self, batch: Batch, step: int) -> Targets:
+        real = batch.images.to(self.context.device)
+        z = self.context.sample_latents(real.size(0))
+        fake = self.context.generator(z)  # kept with its graph: the regression reuses it
+        stats = self.update_discriminator(real, fake.detach())
+        x_prime, d_before = self.inverse_examples(fake.detach(), step)
+        stats.update(d_fake_before_inversion=d_before, lambda1=self.lambda1(step))
+        return Targets(z=z, x=x_prime, stats=stats, prediction=fake)
+
+    def update_discriminator(self, real: Tensor, fake: Tensor) -> dict[str, float]:
+        """One discriminator step, the real and fake terms backpropagated in turn as in the tutorial."""
+        kind = self.options.d_loss
+        self.netD.zero_grad()
+        out_real = self.netD(real).view(-1)
+        err_real = _d_terms(kind, out_real, None)
+        err_real.backward()
+        out_fake = self.netD(fake).view(-1)
+        err_fake = _d_terms(kind, None, out_fake)
+        err_fake.backward()
+        errD = err_real + err_fake
+        if kind == "wgan-gp":
+            penalty = self.options.gp_weight * self.gradient_penalty(real, fake)
+            penalty.backward()
+            errD = errD + penalty
+        self.optimizerD.step()
+        return {"d_loss": errD.item(), "d_real": out_real.mean().item(), "d_fake": out_fake.mean().item()}
+
+    def gradient_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
+        shape = (real.size(0),) + (1,) * (real.dim() - 1)
+        alpha = torch.rand(shape, device=real.device, dtype=real.dtype)
+        mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.netD(mixed).sum(), mixed, create_graph=True)
+        return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+    def lambda1(self, step: int) -> float:
+        o = self.options
+        return scheduled(o.lambda1, o.schedule, step, self.context.total_steps, o.final_fraction)
+
+    def inverse_examples(self, x0: Tensor, step: int) -> tuple[Tensor, float]:
+        """N1 gradient steps of size λ1/N1 from the samples ``x0`` towards "real".
+
+        Returns x' (detached) and the mean discriminator output on ``x0``.
+        Only ``x`` is differentiated, never the discriminator's weights.
+        """
+        o = self.options
+        step_size = self.lambda1(step) / o.steps
+        probabilities = self.netD.outputs_probabilities
+        x = x0
+        d_before = 0.0
+        for i in range(o.steps):
+            x = x.detach().requires_grad_(True)
+            output = self.netD(x).view(-1)
+            if i == 0:
+                d_before = output.mean().item()
+            delta1 = discrepancy(output, o.discrepancy, probabilities)
+            for regularizer, weight in self.regularizers:
+                delta1 = delta1 + weight * regularizer(x, x0)
+            (grad,) = torch.autograd.grad(delta1, x)
+            x = x.detach() - step_size * grad
+            if o.clamp:
+                x = x.clamp(-1.0, 1.0)
+        return x.detach(), d_before
+
+    # -- log-step diagnostics and checkpoints -----------------------------------------------
+
+    @torch.no_grad()
+    def diagnostics(self, targets: Targets) -> dict[str, float]:
+        """Costly statistics, computed only on logging steps."""
+        x_prime = targets.x
+        moved = (x_prime - targets.prediction.detach()).flatten(1).norm(dim=1).mean().item()
+        d_after = forward_preserving_buffers(self.netD, x_prime).mean().item()
+        return {"d_fake_after_inversion": d_after, "target_distance": moved}
+
+    def state_dict(self) -> dict:
+        return {"netD": self.netD.state_dict(), "optimizerD": self.optimizerD.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.netD.load_state_dict(state["netD"])
+        self.optimizerD.load_state_dict(state["optimizerD"])

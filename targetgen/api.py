@@ -1,0 +1,92 @@
+"""The public contract between targetgen and target sources (first- or third-party).
+
+A target source proposes, for latent inputs ``z``, data-space targets ``x'``;
+the shared regression engine then fits the generator to the ``(z, x')`` pairs.
+Everything a plugin needs is importable from ``targetgen`` directly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Batch:
+    """A batch of real data."""
+
+    images: Tensor  # real images, N×C×H×W in [-1, 1] (N×2 points for toy2d)
+    indices: Tensor  # their positions in the dataset (IMLE needs them)
+
+
+@dataclass
+class Targets:
+    """What a target source proposes: fit ``generator(z)`` onto ``x``."""
+
+    z: Tensor  # latent inputs the generator must map ...
+    x: Tensor  # ... onto these data-space targets (detached)
+    weight: Tensor | None = None  # optional per-sample weights, shape N
+    stats: dict[str, float] = field(default_factory=dict)  # diagnostics for the log
+    # Optional: generator(z) as the source computed it, with its autograd graph.
+    # The regression engine uses it for its first step instead of a second
+    # forward pass, which keeps the decomposed step as cheap as the standard one
+    # and updates BatchNorm statistics exactly once, as the standard step does.
+    prediction: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a target source may read about the run. It must never step the generator."""
+
+    generator: nn.Module  # read it, never step it
+    sample_latents: Callable[[int], Tensor]
+    dataset: Dataset  # the training set, indexable; items are (image, index)
+    image_shape: tuple[int, ...]
+    device: torch.device
+    rank: int = 0  # distributed position (0 of 1 alone)
+    world_size: int = 1
+    total_steps: int = 1  # length of the run, for schedules
+    # Builds a fresh discriminator matched to the data and the configured width;
+    # ``sigmoid=True`` ends it with the DCGAN tutorial's Sigmoid (for BCE).
+    make_discriminator: Callable[..., nn.Module] | None = None
+
+
+class TargetGenerator(ABC):
+    """A source of regression targets. Subclass it and register it under the
+    ``targetgen.targets`` entry-point group.
+
+    ``Options`` is a dataclass: the source's own config section
+    (``targets.options`` in YAML). Unknown keys are rejected before ``__init__``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any, context: TrainingContext) -> None:
+        self.options = options
+        self.context = context
+
+    @abstractmethod
+    def propose(self, batch: Batch, step: int) -> Targets:
+        """Return targets for this step; ``batch`` holds the real data of the step."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first batch of every epoch (0-based)."""
+
+    def diagnostics(self, targets: Targets) -> dict[str, float]:
+        """Statistics too costly for every step; called only on logging steps,
+        after the regression step, with this step's targets."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly (networks, optimizers, matches)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""

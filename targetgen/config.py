@@ -1,0 +1,247 @@
+"""Typed configuration: YAML files and ``--set`` overrides loaded into dataclasses.
+
+Every section is a dataclass; loading checks every key and value against it, so
+a typo is an error that names the key and suggests the closest valid one. A
+target source's ``options`` are checked against that source's own ``Options``
+dataclass once the source is known (see ``targetgen.registry``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "folder", "celeba", "mnist", "fashion-mnist", "cifar10", "toy2d"] = "digits"
+    image_size: int | None = None  # None: the source's default (digits 32, celeba 64, ...)
+    channels: int | None = None  # None: the source's default (digits 1, celeba 3, ...)
+    path: str | None = None  # folder / celeba: the image folder; torchvision sets: their root
+    download: bool = False  # torchvision sets only; off so that nothing downloads by surprise
+    skip_bad_images: bool = False  # folder / celeba: drop unreadable files instead of failing
+    num_workers: int = 0  # DataLoader workers for datasets decoded from files
+    mixture: Literal["ring8", "grid25"] = "ring8"  # toy2d
+    num_points: int = 10000  # toy2d
+    std: float | None = None  # toy2d component std; None: ring8 0.02, grid25 0.05
+
+
+@dataclass
+class ModelConfig:
+    nz: int = 100  # latent size
+    ngf: int = 32  # generator width (the DCGAN tutorial uses 64 at 64×64)
+    ndf: int = 32  # discriminator width
+    hidden: int = 128  # toy2d MLP width
+
+
+@dataclass
+class TrainConfig:
+    name: str | None = None  # run directory name; None: the config file's stem
+    out_dir: str = "runs"
+    epochs: int = 30
+    steps: int | None = None  # when set, overrides epochs
+    batch_size: int = 128
+    drop_last: bool = False  # the tutorial keeps the last, smaller batch
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    log_every: int = 10
+    sample_every: int = 200
+    checkpoint_every: int = 200
+
+
+@dataclass
+class TargetsConfig:
+    name: str = "inversion"  # "standard" or a plugin of the targetgen.targets group
+    options: dict[str, Any] = field(default_factory=dict)  # checked against the source's Options
+
+
+@dataclass
+class RegressionConfig:
+    loss: dict[str, float] = field(default_factory=lambda: {"l2": 1.0})  # δ2: weighted mix
+    reduction: Literal["sum", "mean"] = "sum"  # sum reproduces the GAN step (DESIGN.md)
+    lr: float = 0.0002  # λ2; each of the N2 steps uses λ2 / N2
+    steps: int = 1  # N2
+    optimizer: Literal["adam", "sgd"] = "adam"
+    betas: tuple[float, float] = (0.5, 0.999)  # adam
+    momentum: float = 0.0  # sgd
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    final_fraction: float = 0.0  # linear / cosine: λ2 at the end, as a fraction of lr
+    ema: float | None = None  # decay of an EMA copy of the generator used for samples
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if isinstance(value, dict):
+            return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, where)
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported config type {tp!r} at {where}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, raw: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, rejecting unknown keys and bad values.
+
+    ``where`` is the dotted path of this section, used in error messages.
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{path}'{hint} (valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML-safe data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------- files and overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is read as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), targets: str | None = None
+) -> Config:
+    """Load a config file (or the defaults), switch the target source to ``targets``
+    if given (its options start from that source's defaults), then apply ``--set``
+    overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    if targets is not None:
+        section = raw.get("targets") or {}
+        if not isinstance(section, dict) or section.get("name", TargetsConfig.name) != targets:
+            raw["targets"] = {"name": targets, "options": {}}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    config = from_dict(Config, raw)
+    if config.train.name is None:
+        config.train.name = Path(path).stem if path is not None else "default"
+    return config
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,271 @@
+"""Data sources, chosen by ``data.name``: every one yields ``(image, index)`` items.
+
+Images are C×H×W tensors in [-1, 1]; toy2d yields 2-D points. Nothing here
+downloads unless ``data.download: true`` is set for a torchvision data set.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .api import Batch
+from .config import DataConfig
+from .errors import DataError
+from .models import IMAGE_SIZES
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+# (image_size, channels) when the config leaves them unset
+DEFAULT_SHAPES = {
+    "digits": (32, 1),
+    "folder": (64, 3),
+    "celeba": (64, 3),
+    "mnist": (32, 1),
+    "fashion-mnist": (32, 1),
+    "cifar10": (32, 3),
+}
+
+
+class TensorImages(Dataset):
+    """A data set held in memory as one tensor (digits, toy2d)."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], index
+
+
+class IndexedDataset(Dataset):
+    """Wraps a data set of (image, label) or image items as (image, index)."""
+
+    def __init__(self, base: Dataset, size: int):
+        self.base = base
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        item = self.base[index]
+        return (item[0] if isinstance(item, tuple) else item), index
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], transform, mode: str):
+        self.paths = paths
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[index]) as image:
+                return self.transform(image.convert(self.mode))
+        except OSError as err:
+            raise DataError(f"cannot decode image {self.paths[index]}: {err}") from None
+
+
+@dataclass
+class TrainingData:
+    dataset: Dataset  # items are (image, index)
+    image_shape: tuple[int, ...]  # C×H×W, or (2,) for toy2d
+    description: str
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _tutorial_transform(image_size: int, channels: int):
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize((0.5,) * channels, (0.5,) * channels),
+    ])
+
+
+def _digits(image_size: int, channels: int) -> Tensor:
+    from sklearn.datasets import load_digits
+
+    pixels = torch.from_numpy(load_digits().images).to(torch.get_default_dtype())  # 1797×8×8, values 0..16
+    images = pixels.unsqueeze(1) / 16.0 * 2.0 - 1.0
+    if image_size != 8:
+        images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    return images.clamp(-1.0, 1.0).repeat(1, channels, 1, 1).contiguous()
+
+
+def mixture_means(mixture: str) -> Tensor:
+    """Mode centres of the toy2d mixtures."""
+    if mixture == "ring8":
+        angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+        return (2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)).to(torch.get_default_dtype())
+    if mixture == "grid25":
+        ticks = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
+        return torch.cartesian_prod(ticks, ticks)
+    raise DataError(f"data.mixture: expected ring8 or grid25, got {mixture!r}")
+
+
+def mixture_std(config: DataConfig) -> float:
+    return config.std if config.std is not None else {"ring8": 0.02, "grid25": 0.05}[config.mixture]
+
+
+def _toy2d(config: DataConfig) -> Tensor:
+    # A fixed seed: the data set is the same whatever the training seed.
+    generator = torch.Generator().manual_seed(1234)
+    means = mixture_means(config.mixture)
+    modes = torch.randint(len(means), (config.num_points,), generator=generator)
+    noise = torch.randn(config.num_points, 2, generator=generator) * mixture_std(config)
+    return means[modes] + noise
+
+
+def _find_images(root: Path, skip_bad: bool) -> list[Path]:
+    from PIL import Image
+
+    if not root.exists():
+        raise DataError(f"data.path: {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise DataError(
+            f"data.path: no images in {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()  # reads headers and checksums, decodes nothing
+        except Exception:
+            bad.append(path)
+    if bad:
+        names = ", ".join(str(p.relative_to(root)) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        if not skip_bad:
+            raise DataError(
+                f"{len(bad)} of {len(paths)} images in {root} cannot be read ({names}); "
+                "fix or remove them, or set data.skip_bad_images=true"
+            )
+        print(f"warning: skipping {len(bad)} unreadable images in {root} ({names})")
+        bad_set = set(bad)
+        paths = [p for p in paths if p not in bad_set]
+        if not paths:
+            raise DataError(f"data.path: none of the images in {root} can be read")
+    return paths
+
+
+# What torchvision expects under data.path, file by file.
+_TORCHVISION_FILES = {
+    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]),
+    "fashion-mnist": ("FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]),
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["batches.meta"]),
+}
+
+
+def _torchvision(config: DataConfig, image_size: int, channels: int) -> Dataset:
+    from torchvision import datasets
+
+    if config.path is None:
+        raise DataError(f"data.path: set it to the root folder of {config.name} (torchvision layout)")
+    root = Path(config.path).expanduser()
+    folder, files = _TORCHVISION_FILES[config.name]
+    missing = [f for f in files if not (root / folder / f).exists()]
+    if missing and not config.download:
+        raise DataError(
+            f"{config.name}: missing {', '.join(missing)} in {root / folder}; put the files there "
+            "(torchvision layout) or set data.download=true on a machine with internet access"
+        )
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[config.name]
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)  # an offline download fails within seconds instead of hanging
+    try:
+        base = cls(str(root), train=True, download=config.download, transform=_tutorial_transform(image_size, channels))
+    except Exception as err:
+        raise DataError(f"{config.name}: cannot load from {root}: {err}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    if (channels == 3) != (config.name == "cifar10"):
+        raise DataError(f"data.channels: {config.name} has {3 if config.name == 'cifar10' else 1} channel(s), got {channels}")
+    return IndexedDataset(base, len(base))
+
+
+def load_data(config: DataConfig) -> TrainingData:
+    """Open the data source ``config.name`` and fill in its default image shape."""
+    if config.name == "toy2d":
+        points = _toy2d(config)
+        return TrainingData(TensorImages(points), (2,), f"toy2d {config.mixture}, {len(points)} points")
+
+    default_size, default_channels = DEFAULT_SHAPES[config.name]
+    if config.image_size is None:
+        config.image_size = default_size
+    if config.channels is None:
+        config.channels = default_channels
+    size, channels = config.image_size, config.channels
+    if size not in IMAGE_SIZES:
+        raise DataError(f"data.image_size: the DCGAN models support {', '.join(map(str, IMAGE_SIZES))} px, got {size}")
+    if channels not in (1, 3):
+        raise DataError(f"data.channels: expected 1 or 3, got {channels}")
+    shape = (channels, size, size)
+
+    if config.name == "digits":
+        images = _digits(size, channels)
+        return TrainingData(TensorImages(images), shape, f"digits, {len(images)} images at {size}×{size}×{channels}")
+    if config.name in ("folder", "celeba"):
+        if config.path is None:
+            what = "your img_align_celeba/ folder" if config.name == "celeba" else "a folder of images"
+            raise DataError(f"data.path: set it to {what}, e.g. --set data.path=/data/img_align_celeba")
+        root = Path(config.path).expanduser()
+        if config.name == "celeba" and (root / "img_align_celeba").is_dir():
+            root = root / "img_align_celeba"
+        paths = _find_images(root, config.skip_bad_images)
+        dataset = IndexedDataset(
+            ImageFiles(paths, _tutorial_transform(size, channels), "L" if channels == 1 else "RGB"), len(paths)
+        )
+        return TrainingData(dataset, shape, f"{config.name} {root}, {len(paths)} images at {size}×{size}×{channels}")
+    dataset = _torchvision(config, size, channels)
+    return TrainingData(dataset, shape, f"{config.name} {config.path}, {len(dataset)} images at {size}×{size}×{channels}")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> Tensor:
+    """The data order of one epoch: a permutation derived from (seed, epoch) alone,
+    so that a resumed run sees the same batches without replaying anything."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=generator)
+
+
+def batches_per_epoch(size: int, batch_size: int, drop_last: bool) -> int:
+    return size // batch_size if drop_last else math.ceil(size / batch_size)
+
+
+def iterate_batches(
+    dataset: Dataset, order: Tensor, batch_size: int, start: int, drop_last: bool, num_workers: int = 0
+) -> Iterator[Batch]:
+    """Batches ``start, start+1, ...`` of one epoch in ``order``."""
+    count = batches_per_epoch(len(order), batch_size, drop_last)
+    index_batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(start, count)]
+    if isinstance(dataset, TensorImages):  # in memory: index directly, no loader overhead
+        for indices in index_batches:
+            yield Batch(dataset.images[indices], indices)
+        return
+    loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in index_batches], num_workers=num_workers)
+    for images, indices in loader:
+        yield Batch(images, indices)

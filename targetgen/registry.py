@@ -1,0 +1,108 @@
+"""The one place that knows about plugins: entry points, looked up by name.
+
+Plugins are found with ``importlib.metadata.entry_points`` and loaded lazily:
+only the entry point a run names is imported. The built-ins are registered in
+targetgen's own ``pyproject.toml`` through the same groups as third-party ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+
+from .errors import PluginError
+
+GROUPS = {
+    "targets": "targetgen.targets",
+    "losses": "targetgen.losses",
+    "regularizers": "targetgen.regularizers",
+    "features": "targetgen.features",
+}
+
+# Names handled by the trainer itself rather than by a plugin.
+RESERVED = {"targets": {"standard"}}
+
+
+def _distribution(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+
+
+def _entry_points(kind: str) -> dict[str, list[EntryPoint]]:
+    """Entry points of one group by name; the same distribution seen twice
+    (e.g. on sys.path twice) counts once."""
+    found: dict[str, list[EntryPoint]] = {}
+    seen = set()
+    for ep in entry_points(group=GROUPS[kind]):
+        key = (ep.name, ep.value, _distribution(ep))
+        if key in seen:
+            continue
+        seen.add(key)
+        found.setdefault(ep.name, []).append(ep)
+    return found
+
+
+def names(kind: str) -> list[str]:
+    """Every registered name in a group (nothing is imported)."""
+    return sorted(set(_entry_points(kind)) | RESERVED.get(kind, set()))
+
+
+def _check(kind: str, name: str, obj: object) -> None:
+    if kind == "targets":
+        from .api import TargetGenerator
+
+        if not (isinstance(obj, type) and issubclass(obj, TargetGenerator)):
+            raise TypeError(f"{obj!r} is not a subclass of targetgen.TargetGenerator")
+        if not hasattr(obj, "Options"):
+            raise TypeError(f"{obj.__name__} has no Options dataclass")
+    elif not callable(obj):
+        raise TypeError(f"{obj!r} is not callable")
+
+
+def load(kind: str, name: str) -> object:
+    """Import and return the plugin ``name`` of group ``kind``."""
+    found = _entry_points(kind)
+    if name not in found:
+        valid = names(kind)
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise PluginError(f"unknown {kind} plugin '{name}'{hint} (available: {', '.join(valid) or 'none'})")
+    candidates = found[name]
+    if len(candidates) > 1:
+        where = " and ".join(f"{_distribution(ep)} ({ep.value})" for ep in candidates)
+        raise PluginError(f"{kind} plugin '{name}' is registered twice: by {where}; uninstall one of them")
+    ep = candidates[0]
+    if name in RESERVED.get(kind, set()):
+        raise PluginError(f"{kind} plugin name '{name}' is reserved by targetgen; {_distribution(ep)} must rename it")
+    try:
+        obj = ep.load()
+        _check(kind, name, obj)
+    except Exception as err:  # a broken plugin must not take the CLI down with it
+        raise PluginError(
+            f"{kind} plugin '{name}' from {_distribution(ep)} failed to load: {type(err).__name__}: {err}"
+        ) from err
+    return obj
+
+
+@dataclass
+class PluginRow:
+    group: str
+    name: str
+    distribution: str
+    status: str  # "ok" or the error
+
+
+def survey() -> list[PluginRow]:
+    """Try to load every registered plugin; for ``targetgen plugins``."""
+    rows = []
+    for kind, group in GROUPS.items():
+        for name, eps in sorted(_entry_points(kind).items()):
+            try:
+                load(kind, name)
+                status = "ok"
+            except PluginError as err:
+                status = str(err)
+            for ep in eps:
+                rows.append(PluginRow(group, name, _distribution(ep), status))
+    return rows

@@ -1,0 +1,51 @@
+"""Sample pictures: an image grid, or a scatter plot for 2-D toy data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import forward_preserving_buffers
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, latents: Tensor, chunk: int = 64) -> Tensor:
+    """``generator(latents)`` in chunks, BatchNorm in its current (train) mode as in
+    the DCGAN tutorial, without disturbing the running statistics of training."""
+    out = []
+    for start in range(0, len(latents), chunk):
+        part = latents[start : start + chunk]
+        if len(part) == 1:  # train-mode BatchNorm needs two samples: pad, then drop
+            part = torch.cat([part, latents[:1]])
+            out.append(forward_preserving_buffers(generator, part)[:1])
+        else:
+            out.append(forward_preserving_buffers(generator, part))
+    return torch.cat(out)
+
+
+def save_samples(samples: Tensor, path: Path, data: Tensor | None = None, title: str = "") -> None:
+    """Images (N×C×H×W in [-1, 1]) as a grid; 2-D points as a scatter over ``data``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = samples.detach().float().cpu()
+    if samples.dim() == 4:
+        from torchvision.utils import save_image
+
+        nrow = max(1, int(len(samples) ** 0.5))
+        save_image(samples, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if data is not None:
+        ax.scatter(data[:, 0], data[:, 1], s=2, c="0.7", label="data")
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:red", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", markerscale=4)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

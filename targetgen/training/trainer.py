@@ -1,0 +1,277 @@
+"""The training loop: data, schedule, logging, samples and checkpoints — nothing else.
+
+What happens inside one step belongs to the strategy: ``StandardGAN`` (the
+tutorial's end-to-end step) or ``Decomposed`` (a target source, then the
+regression engine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import registry
+from ..api import TargetGenerator, TrainingContext
+from ..config import Config, dump_config, from_dict, to_dict, read_yaml
+from ..data import TrainingData, batches_per_epoch, epoch_order, iterate_batches, load_data
+from ..errors import ConfigError, DivergenceError, RunDirectoryError
+from ..models import build_discriminator, build_generator, latent_shape
+from ..regression import RegressionEngine
+from ..samples import generate, save_samples
+from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .decomposed import Decomposed
+from .standard import StandardGAN, StandardOptions
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available; use cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def _check_train(config: Config) -> None:
+    t = config.train
+    for key in ("epochs", "batch_size", "log_every", "sample_every", "checkpoint_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(t, key)}")
+    if t.steps is not None and t.steps < 1:
+        raise ConfigError(f"train.steps: expected a positive integer, got {t.steps}")
+
+
+@dataclass
+class Run:
+    """Everything built from a config, in a fixed, seeded order."""
+
+    config: Config
+    data: TrainingData
+    device: torch.device
+    generator: nn.Module
+    strategy: StandardGAN | Decomposed
+    fixed_noise: Tensor
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def source(self) -> TargetGenerator | None:
+        return self.strategy.source if isinstance(self.strategy, Decomposed) else None
+
+
+def build_run(config: Config) -> Run:
+    """Build data, models and strategy. Resolves the target options in ``config`` in place."""
+    _check_train(config)
+    t, m = config.train, config.model
+    device = resolve_device(t.device)
+    seed_everything(t.seed)
+    data = load_data(config.data)
+    n = len(data.dataset)
+    steps_per_epoch = batches_per_epoch(n, t.batch_size, t.drop_last)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the data set ({n}) with drop_last")
+    total_steps = t.steps if t.steps is not None else t.epochs * steps_per_epoch
+
+    shape = data.image_shape
+    z_shape = latent_shape(shape, m.nz)
+    netG = build_generator(shape, m.nz, m.ngf, m.hidden).to(device)
+
+    def sample_latents(count: int) -> Tensor:
+        return torch.randn(count, *z_shape, device=device)
+
+    def make_discriminator(sigmoid: bool = True) -> nn.Module:
+        return build_discriminator(shape, m.ndf, m.hidden, sigmoid).to(device)
+
+    name = config.targets.name
+    if name == "standard":
+        options = from_dict(StandardOptions, config.targets.options, "targets.options")
+        strategy = StandardGAN(options, netG, make_discriminator(sigmoid=True), sample_latents)
+    else:
+        source_cls = registry.load("targets", name)
+        options = from_dict(source_cls.Options, config.targets.options, "targets.options")
+        context = TrainingContext(
+            generator=netG,
+            sample_latents=sample_latents,
+            dataset=data.dataset,
+            image_shape=shape,
+            device=device,
+            total_steps=total_steps,
+            make_discriminator=make_discriminator,
+        )
+        source = source_cls(options, context)
+        if "ssim" in config.regression.loss and len(shape) != 3:
+            raise ConfigError("regression.loss.ssim: SSIM needs images; toy2d data are points")
+        strategy = Decomposed(source, RegressionEngine(netG, config.regression, total_steps))
+    config.targets.options = to_dict(options)  # the resolved config shows every option
+
+    # Fixed noise for sample grids, from its own generator so that it draws
+    # nothing from the training RNG.
+    fixed_noise = torch.randn(64 if len(shape) == 3 else 1024, *z_shape, generator=torch.Generator().manual_seed(t.seed + 1))
+    return Run(config, data, device, netG, strategy, fixed_noise.to(device), steps_per_epoch, total_steps)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def new_run_dir(config: Config, overwrite: bool) -> Path:
+    run_dir = Path(config.train.out_dir) / config.train.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirectoryError(
+                f"run directory {run_dir} exists; continue it with --resume {run_dir}, "
+                "replace it with --overwrite, or choose another --name"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def config_of_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config saved in ``run_dir``, with (only) length overrides applied."""
+    from ..config import apply_override
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no config.yaml)")
+    raw = read_yaml(path)
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        if key not in ("train.steps", "train.epochs"):
+            raise ConfigError(
+                f"--set {key}: a resumed run keeps its config; only train.steps and train.epochs may change"
+            )
+        apply_override(raw, assignment)
+    return from_dict(Config, raw)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` done
+
+
+def _save_checkpoint(run: Run, run_dir: Path, pos: Position, order: Tensor) -> None:
+    atomic_save(
+        {
+            "format": 1,
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "order": order,
+            "generator": run.generator.state_dict(),
+            "strategy": run.strategy.state_dict(),
+            "rng": rng_state(),
+        },
+        run_dir / CHECKPOINT,
+    )
+
+
+def _restore(run: Run, run_dir: Path) -> tuple[Position, Tensor]:
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    run.generator.load_state_dict(state["generator"])
+    run.strategy.load_state_dict(state["strategy"])
+    set_rng_state(state["rng"])
+    return Position(state["step"], state["epoch"], state["batch"]), state["order"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _check_finite(stats: dict[str, float], step: int, run_dir: Path) -> None:
+    for key, value in stats.items():
+        if not math.isfinite(value):
+            ckpt = run_dir / CHECKPOINT
+            kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+            raise DivergenceError(f"training diverged at step {step + 1}: {key} = {value}; {kept}")
+
+
+def write_samples(run: Run, path: Path) -> None:
+    samples = generate(run.strategy.sampling_generator(), run.fixed_noise)
+    data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
+    save_samples(samples, path, data, title=path.stem)
+
+
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Run:
+    """Train ``config`` into ``run_dir`` (from its checkpoint when ``resume``)."""
+    run = build_run(config)
+    t = config.train
+    metrics_path = run_dir / "metrics.jsonl"
+    pos = Position()
+    order = epoch_order(len(run.data.dataset), t.seed, 0)
+    if resume and (run_dir / CHECKPOINT).exists():
+        pos, order = _restore(run, run_dir)
+        _truncate_metrics(metrics_path, pos.step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+        disable=not progress,
+    )
+    task = bar.add_task(config.train.name, total=run.total_steps, completed=pos.step, losses="")
+    images_seen, busy = 0, 0.0
+    with bar, (run_dir / "metrics.jsonl").open("a") as metrics:
+        while pos.step < run.total_steps:
+            if pos.batch == 0:
+                order = epoch_order(len(run.data.dataset), t.seed, pos.epoch)
+                run.strategy.on_epoch_start(pos.epoch)
+            started = time.perf_counter()
+            for batch in iterate_batches(run.data.dataset, order, t.batch_size, pos.batch, t.drop_last, config.data.num_workers):
+                log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
+                stats = run.strategy.step(batch, pos.step, log)
+                _check_finite(stats, pos.step, run_dir)
+                pos.step += 1
+                pos.batch += 1
+                images_seen += len(batch.images)
+                busy += time.perf_counter() - started
+                if pos.batch == run.steps_per_epoch:  # normalise: a finished epoch is the next one's start
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                if log:
+                    record = {"step": pos.step, "epoch": pos.epoch, "images_per_s": images_seen / max(busy, 1e-9), **stats}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    images_seen, busy = 0, 0.0
+                    shown = ("d_loss", "g_loss", "regression_loss", "target_reach")
+                    bar.update(task, losses=" ".join(f"{k}={stats[k]:.3g}" for k in shown if k in stats))
+                bar.update(task, completed=pos.step)
+                if pos.step % t.sample_every == 0:
+                    write_samples(run, run_dir / "samples" / f"step_{pos.step:06d}.png")
+                if pos.step % t.checkpoint_every == 0 or pos.step == run.total_steps:
+                    _save_checkpoint(run, run_dir, pos, order)
+                if pos.step >= run.total_steps or pos.batch == 0:
+                    break
+                started = time.perf_counter()
+    write_samples(run, run_dir / "samples" / "final.png")
+    return run
+
+
+def load_trained(run_dir: Path) -> Run:
+    """Rebuild a run from its directory and load its latest checkpoint."""
+    config = config_of_run(run_dir)
+    run = build_run(config)
+    _restore(run, run_dir)
+    return run
