@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny, fast configurations on the bundled digits data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from targetgen.config import load_config
+
+TINY = [
+    "data.image_size=16",
+    "model.nz=8",
+    "model.ngf=8",
+    "model.ndf=8",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "train.sample_every=1000",
+    "train.checkpoint_every=1000",
+]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A function building a tiny digits config writing under tmp_path."""
+
+    def make(*overrides: str, targets: str | None = None, name: str = "run"):
+        return load_config(None, [*TINY, f"train.out_dir={tmp_path}", f"train.name={name}", *overrides], targets)
+
+    return make
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))

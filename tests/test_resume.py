@@ -1,0 +1,126 @@
+"""Checkpoints: exact resume, crash recovery, atomic writes, divergence guard."""
+
+import json
+
+import pytest
+import torch
+
+from targetgen.errors import DivergenceError, RunDirectoryError
+from targetgen.training import CHECKPOINT, config_of_run, new_run_dir, train
+from targetgen.training import checkpoint as checkpoint_module
+from targetgen.training.standard import StandardGAN
+
+# A run of 20 steps crosses two epoch boundaries of the 1,797 digits at batch 128.
+LONG = ["train.batch_size=128", "train.checkpoint_every=7"]
+
+
+def params(run):
+    state = {f"G.{k}": v for k, v in run.generator.state_dict().items()}
+    state.update({f"S.{k}": v for k, v in flatten(run.strategy.state_dict()).items()})
+    return state
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("targets", ["standard", "inversion"])
+def test_stop_and_resume_is_bit_identical(tiny_config, targets):
+    extra = ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"] if targets == "inversion" else []
+    whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), new_run_dir(c, False), progress=False)
+
+    first = tiny_config(*LONG, "train.steps=13", *extra, targets=targets, name="split")
+    run_dir = new_run_dir(first, False)
+    train(first, run_dir, progress=False)
+    resumed = train(config_of_run(run_dir, ["train.steps=20"]), run_dir, resume=True, progress=False)
+
+    assert_identical(params(whole), params(resumed))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_crashed_run_resumes_from_its_last_checkpoint(tiny_config, monkeypatch):
+    whole = train((c := tiny_config(*LONG, "train.steps=12", targets="standard", name="whole")), new_run_dir(c, False), progress=False)
+
+    config = tiny_config(*LONG, "train.steps=12", targets="standard", name="crash")
+    run_dir = new_run_dir(config, False)
+    original = StandardGAN.step
+
+    def crash_at_ten(self, batch, step, log):
+        if step == 9:
+            raise KeyboardInterrupt  # the machine goes away mid-run
+        return original(self, batch, step, log)
+
+    monkeypatch.setattr(StandardGAN, "step", crash_at_ten)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, progress=False)
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 7
+    monkeypatch.setattr(StandardGAN, "step", original)
+    resumed = train(config_of_run(run_dir), run_dir, resume=True, progress=False)
+    assert_identical(params(whole), params(resumed))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))  # no step logged twice
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint_module.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint_module.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = checkpoint_module.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_divergence_stops_with_step_and_loss_and_keeps_the_checkpoint(tiny_config, monkeypatch):
+    config = tiny_config("train.steps=10", "train.checkpoint_every=2", targets="standard")
+    run_dir = new_run_dir(config, False)
+    original = StandardGAN.step
+
+    def nan_at_step_five(self, batch, step, log):
+        stats = original(self, batch, step, log)
+        if step == 4:
+            stats["g_loss"] = float("nan")
+        return stats
+
+    monkeypatch.setattr(StandardGAN, "step", nan_at_step_five)
+    with pytest.raises(DivergenceError, match=r"diverged at step 5: g_loss = nan; the last good checkpoint is .*last.pt"):
+        train(config, run_dir, progress=False)
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 4
+
+
+def test_run_directory_is_not_reused_silently(tiny_config):
+    config = tiny_config("train.steps=1", targets="standard")
+    train(config, new_run_dir(config, False), progress=False)
+    with pytest.raises(RunDirectoryError, match="exists; continue it with --resume .* --overwrite"):
+        new_run_dir(config, overwrite=False)
+    assert not any(new_run_dir(config, overwrite=True).iterdir())
+
+
+def test_resume_may_only_change_the_length(tiny_config):
+    config = tiny_config("train.steps=1", targets="standard")
+    run_dir = new_run_dir(config, False)
+    train(config, run_dir, progress=False)
+    with pytest.raises(Exception, match="only train.steps and train.epochs may change"):
+        config_of_run(run_dir, ["regression.lr=0.1"])
+    with pytest.raises(RunDirectoryError, match="not a targetgen run directory"):
+        config_of_run(run_dir / "samples")
