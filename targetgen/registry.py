@@ -102,7 +102,8 @@ def survey() -> list[PluginRow]:
                 load(kind, name)
                 status = "ok"
             except PluginError as err:
-                status = str(err)
+                cause = err.__cause__
+                status = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
             for ep in eps:
                 rows.append(PluginRow(group, name, _distribution(ep), status))
     return rows

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from targetgen import TrainingContext
+from targetgen.errors import ConfigError
+from targetgen.plugins.inversion import DiscriminatorInversion, InversionOptions
+from targetgen.training import build_run, new_run_dir, train
+
+
+class LinearCritic(nn.Module):
+    """D(x) = w·x: ∇x of the wasserstein discrepancy −mean D(x) is −w / N per sample."""
+
+    outputs_probabilities = False
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        return (x.flatten(1) * self.w).sum(1)
+
+
+def source_with(options, w):
+    context = TrainingContext(
+        generator=nn.Identity(), sample_latents=lambda n: torch.zeros(n), dataset=None, image_shape=(1, 2, 2),
+        device=torch.device("cpu"), total_steps=10, make_discriminator=lambda sigmoid: LinearCritic(w),
+    )
+    return DiscriminatorInversion(options, context)
+
+
+def test_n1_steps_each_of_size_lambda1_over_n1():
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    x0 = torch.zeros(4, 1, 2, 2)
+    source = source_with(InversionOptions(lambda1=0.8, steps=4, discrepancy="wasserstein", d_loss="hinge"), w)
+    x_prime, _ = source.inverse_examples(x0, step=0)
+    # four steps of 0.2 along +w / N (N = 4), constant gradient: total 0.8 · w / 4
+    assert torch.allclose(x_prime.flatten(1), (0.8 * w / 4).expand(4, 4))
+
+
+def test_clamp_and_regularizers_shape_the_targets():
+    w = torch.tensor([100.0, -100.0, 0.0, 0.0])
+    x0 = torch.zeros(2, 1, 2, 2)
+    plain = source_with(InversionOptions(lambda1=1.0, discrepancy="wasserstein", d_loss="hinge"), w)
+    clamped = source_with(InversionOptions(lambda1=1.0, discrepancy="wasserstein", d_loss="hinge", clamp=True), w)
+    assert plain.inverse_examples(x0, 0)[0].abs().max() == 50.0
+    assert clamped.inverse_examples(x0, 0)[0].abs().max() == 1.0
+    # proximity: with x = x0 its gradient vanishes at the first step, so use two steps
+    near = source_with(InversionOptions(lambda1=1.0, steps=2, discrepancy="wasserstein", d_loss="hinge",
+                                        regularizers={"proximity": 1.0}), w)
+    assert near.inverse_examples(x0, 0)[0].abs().max() < plain.inverse_examples(x0, 0)[0].abs().max()
+    tv = source_with(InversionOptions(lambda1=1.0, steps=2, discrepancy="wasserstein", d_loss="hinge",
+                                      regularizers={"tv": 10.0}), w)
+    x_tv, x_plain = tv.inverse_examples(x0, 0)[0], plain.inverse_examples(x0, 0)[0]
+    jump = lambda x: (x[:, :, 0, 0] - x[:, :, 0, 1]).abs().max()  # noqa: E731
+    assert jump(x_plain) == 100.0 and jump(x_tv) < 95.0  # TV smooths the edge
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="lambda1: expected λ1 > 0, got 0.0"):
+        source_with(InversionOptions(lambda1=0.0), torch.zeros(4))
+    with pytest.raises(ConfigError, match="steps: expected N1 >= 1, got 0"):
+        source_with(InversionOptions(steps=0), torch.zeros(4))
+
+
+@pytest.mark.parametrize("d_loss, discrepancy", [("bce", "bce"), ("lsgan", "l2"), ("hinge", "hinge"), ("wgan-gp", "wasserstein")])
+def test_every_discriminator_loss_trains_and_moves_samples_towards_real(tiny_config, d_loss, discrepancy):
+    config = tiny_config("train.steps=3", f"targets.options.d_loss={d_loss}",
+                         f"targets.options.discrepancy={discrepancy}", "targets.options.regularizers={tv: 0.001, range: 1.0}")
+    run_dir = new_run_dir(config, False)
+    run = train(config, run_dir, progress=False)
+    stats = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert stats["target_distance"] > 0 and "target_reach" in stats
+    assert stats["d_fake_after_inversion"] > stats["d_fake_before_inversion"]  # x' looks more real to D
+    assert run.strategy.source.netD.outputs_probabilities == (d_loss == "bce")
+
+
+def test_lambda1_schedule(tiny_config):
+    run = build_run(tiny_config("train.steps=11", "targets.options.schedule=linear", "targets.options.lambda1=0.5"))
+    assert run.strategy.source.lambda1(0) == 0.5 and run.strategy.source.lambda1(10) == 0.0
