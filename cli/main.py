@@ -103,10 +103,10 @@ def plugins() -> None:
 
     from targetgen.registry import survey
 
-    table = Table("group", "name", "distribution", "status")
+    table = Table("group", "name", "distribution", "version", "status")
     for row in survey():
         status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(row.group, row.name, row.distribution, status)
+        table.add_row(row.group, row.name, row.distribution, row.version, status)
     console.print(table)
 
 

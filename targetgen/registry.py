@@ -25,8 +25,13 @@ RESERVED = {"targets": {"standard"}}
 
 
 def _distribution(ep: EntryPoint) -> str:
+    name, version = _name_version(ep)
+    return f"{name} {version}".strip()
+
+
+def _name_version(ep: EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+    return (dist.name, dist.version) if dist is not None else ("unknown distribution", "")
 
 
 def _entry_points(kind: str) -> dict[str, list[EntryPoint]]:
@@ -90,6 +95,7 @@ class PluginRow:
     group: str
     name: str
     distribution: str
+    version: str
     status: str  # "ok" or the error
 
 
@@ -105,5 +111,5 @@ def survey() -> list[PluginRow]:
                 cause = err.__cause__
                 status = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
             for ep in eps:
-                rows.append(PluginRow(group, name, _distribution(ep), status))
+                rows.append(PluginRow(group, name, *_name_version(ep), status))
     return rows

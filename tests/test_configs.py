@@ -1,0 +1,39 @@
+"""Every shipped preset loads and trains a few steps on data of its shape."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from targetgen.config import load_config
+from targetgen.training import new_run_dir, train
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+SHORT = ["train.steps=2", "train.batch_size=4", "train.log_every=1"]
+
+
+@pytest.fixture
+def fake_celeba(tmp_path):
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):  # CelebA's aligned images are 178×218
+        Image.fromarray(rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(folder / f"{i:06d}.jpg")
+    return tmp_path / "celeba"
+
+
+@pytest.mark.parametrize("name, source", [("digits", "inversion"), ("toy2d", "inversion"),
+                                          ("celeba_baseline", "standard"), ("celeba_decomposed", "inversion")])
+def test_preset_trains(name, source, tmp_path, fake_celeba):
+    extra = [f"data.path={fake_celeba}", "data.num_workers=0"] if name.startswith("celeba") else []
+    config = load_config(CONFIGS / f"{name}.yaml", [*SHORT, *extra, f"train.out_dir={tmp_path / 'runs'}"])
+    assert config.targets.name == source
+    run_dir = new_run_dir(config, False)
+    run = train(config, run_dir, progress=False)
+    assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "samples" / "final.png").exists()
+    if name.startswith("celeba"):
+        assert run.data.image_shape == (3, 64, 64)
+        assert sum(p.numel() for p in run.generator.parameters()) == 3_576_704
+    if name == "celeba_decomposed":
+        assert config.targets.options["lambda1"] == 0.25 and config.regression.lr == 0.0008
