@@ -34,7 +34,7 @@ SetOption = Annotated[
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in digits defaults).")] = None,
     set_: SetOption = None,
-    targets: Annotated[Optional[str], typer.Option(help="Target source: standard, inversion, or any installed plugin. Its options start from its defaults unless the config names the same source.")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Target source: standard, inversion, imle, nearest, or any installed plugin (see `targetgen plugins`). Its options start from its defaults unless the config names the same source.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides epochs).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train this many epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,

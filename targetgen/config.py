@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    name: str | None = None  # run directory name; None: the config file's stem
+    name: str | None = None  # run directory name; None: the config file's stem, else <data>-<targets>
     out_dir: str = "runs"
     epochs: int = 30
     steps: int | None = None  # when set, overrides epochs
@@ -239,7 +239,8 @@ def load_config(
         apply_override(raw, assignment)
     config = from_dict(Config, raw)
     if config.train.name is None:
-        config.train.name = Path(path).stem if path is not None else "default"
+        # without a file, name the run after what it trains: runs/digits-imle
+        config.train.name = Path(path).stem if path is not None else f"{config.data.name}-{config.targets.name}"
     return config
 
 

@@ -9,7 +9,7 @@ from targetgen.training import build_run, config_of_run, new_run_dir, train
 def test_defaults_are_the_digits_inversion_run():
     config = load_config()
     assert config.data.name == "digits" and config.targets.name == "inversion"
-    assert config.train.name == "default"
+    assert config.train.name == "digits-inversion"
 
 
 def test_unknown_key_names_it_and_suggests_the_closest():

@@ -36,9 +36,18 @@ def assert_identical(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("targets", ["standard", "inversion"])
+EXTRA = {
+    "standard": [],
+    "inversion": ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"],
+    # IMLE re-matches at every epoch boundary, one of which falls after the split
+    "imle": ["targets.options.staleness=1", "targets.options.samples_factor=2"],
+    "nearest": ["targets.options.alpha=0.5", "targets.options.k=2"],
+}
+
+
+@pytest.mark.parametrize("targets", list(EXTRA))
 def test_stop_and_resume_is_bit_identical(tiny_config, targets):
-    extra = ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"] if targets == "inversion" else []
+    extra = EXTRA[targets]
     whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), new_run_dir(c, False), progress=False)
 
     first = tiny_config(*LONG, "train.steps=13", *extra, targets=targets, name="split")

@@ -1,0 +1,123 @@
+"""Speed and memory of the exact nearest-neighbour search and of IMLE matching.
+
+    python benchmarks/search.py                 # everything (several minutes on 2 cores)
+    python benchmarks/search.py --only digits   # one section: digits | knn | memory
+
+1. digits: one IMLE re-match on the default digits run (1,797 data points ×
+   10 generated samples at 32×32, the default DCGAN generator). Goal ≤ 3 s.
+2. knn: exact 1-NN, 10k × 60k at d = 784 and 2k × 50k at d = 12,288 (random
+   data), FAISS vs the pure-torch fallback. Goal: FAISS ≥ 1.5× faster.
+3. memory: peak RSS of one IMLE matching at 64×64×3 with a pool of 10 samples
+   per data point, each size in a fresh process, for growing N; the growth per
+   data point is fitted and extrapolated to CelebA's N = 200k. The generator
+   here is a single linear layer (the search is what is measured, not the
+   DCGAN's speed); the data are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from targetgen import search
+from targetgen.config import load_config
+from targetgen.training import build_run
+
+
+def digits_rematch() -> None:
+    run = build_run(load_config("configs/digits.yaml", [], "imle"))
+    source = run.source
+    source.data_features()  # embedded once per run, not per matching
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        source.match()
+        times.append(time.perf_counter() - start)
+    n = len(run.data.dataset)
+    print(f"digits re-match, {n} data points × {source.options.samples_factor} samples at 32×32×1, "
+          f"backend {search.resolve_backend('auto')}: {min(times):.2f} s (best of 3; goal <= 3 s)")
+
+
+def knn_speed() -> None:
+    backends = ["faiss-cpu", "torch"] if search.faiss_installed() else ["torch"]
+    print("| queries × database, d | " + " | ".join(backends) + " | speed-up |\n|---|" + "---|" * (len(backends) + 1))
+    for nq, nd, dim in ((10_000, 60_000, 784), (2_000, 50_000, 12_288)):
+        g = torch.Generator().manual_seed(0)
+        queries, database = torch.randn(nq, dim, generator=g), torch.randn(nd, dim, generator=g)
+        seconds = {}
+        for backend in backends:
+            start = time.perf_counter()
+            search.knn(queries, database, 1, backend)
+            seconds[backend] = time.perf_counter() - start
+        ratio = seconds["torch"] / seconds["faiss-cpu"] if len(backends) == 2 else float("nan")
+        cells = " | ".join(f"{seconds[b]:.1f} s" for b in backends)
+        print(f"| {nq:,} × {nd:,}, {dim:,} | {cells} | {ratio:.2f}× |", flush=True)
+
+
+def rss_probe(n: int, space: str, budget_gib: float) -> dict:
+    """One IMLE matching at 64×64×3; run in its own process so that ru_maxrss is its own."""
+    from targetgen import TrainingContext
+    from targetgen.data import TensorImages
+    from targetgen.plugins.imle import IMLE, IMLEOptions
+
+    torch.manual_seed(0)
+    data = torch.empty(n, 3, 64, 64).uniform_(-1, 1)  # in place: no temporary copy inflating the peak
+    generator = nn.Sequential(nn.Linear(100, 3 * 64 * 64), nn.Tanh(), nn.Unflatten(1, (3, 64, 64)))
+    context = TrainingContext(generator=generator, sample_latents=lambda m: torch.randn(m, 100),
+                              dataset=TensorImages(data), image_shape=(3, 64, 64), device=torch.device("cpu"))
+    imle = IMLE(IMLEOptions(samples_factor=10, space=space, memory_budget=budget_gib), context)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    imle.match()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"n": n, "data_mib": data.numel() * 4 / 2**20, "before_mib": before / 1024, "peak_mib": peak / 1024}
+
+
+def memory(space: str, budget_gib: float) -> None:
+    sizes = (1_000, 2_000, 4_000, 8_000)
+    rows = []
+    for n in sizes:
+        out = subprocess.run([sys.executable, __file__, "--rss-probe", str(n), "--space", space, "--budget", str(budget_gib)],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.splitlines()[-1]))
+    print(f"\nIMLE matching at 64×64×3, pool = 10 × N, space = {space}, memory_budget = {budget_gib} GiB")
+    print("| N | pool | data tensor | peak RSS | peak RSS − data |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {10 * r['n']:,} | {r['data_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | {r['peak_mib'] - r['data_mib']:.0f} MiB |")
+    # least-squares line through (N, peak − data): what grows with N besides the data themselves
+    n = torch.tensor([r["n"] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r["peak_mib"] - r["data_mib"] for r in rows], dtype=torch.float64)
+    slope = ((n - n.mean()) * (y - y.mean())).sum() / (n - n.mean()).pow(2).sum()
+    intercept = y.mean() - slope * n.mean()
+    at = 200_000
+    print(f"fit: peak − data ≈ {intercept:.0f} MiB + {slope * 1024:.2f} KiB × N  →  at N = {at:,}: "
+          f"{(intercept + slope * at) / 1024:.2f} GiB besides the data ({at * 3 * 64 * 64 * 4 / 2**30:.1f} GiB in memory as float32)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["digits", "knn", "memory"])
+    parser.add_argument("--space", default="downsample", help="memory section: the search space of IMLE")
+    parser.add_argument("--budget", type=float, default=2.0, help="memory section: memory_budget in GiB")
+    parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_probe:
+        print(json.dumps(rss_probe(args.rss_probe, args.space, args.budget)))
+        return
+    print(f"{torch.get_num_threads()} threads")
+    if args.only in (None, "digits"):
+        digits_rematch()
+    if args.only in (None, "knn"):
+        knn_speed()
+    if args.only in (None, "memory"):
+        memory(args.space, args.budget)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""IMLE and nearest-neighbour targets: constructed cases with known answers, and training."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cli_helpers import run_cli
+from targetgen import Batch, TrainingContext
+from targetgen.data import TensorImages
+from targetgen.errors import ConfigError
+from targetgen.plugins.imle import IMLE, IMLEOptions
+from targetgen.plugins.nearest import NearestOptions, NearestTargets
+from targetgen.training import build_run, new_run_dir, train
+
+
+class Pool:
+    """sample_latents that hands out a fixed pool of latents in order."""
+
+    def __init__(self, latents):
+        self.latents, self.used = latents, 0
+
+    def __call__(self, n):
+        out = self.latents[self.used : self.used + n]
+        self.used += n
+        return out
+
+
+def points_context(data, sample_latents, generator=None):
+    return TrainingContext(
+        generator=generator or nn.Identity(), sample_latents=sample_latents, dataset=TensorImages(data),
+        image_shape=(2,), device=torch.device("cpu"), total_steps=10,
+    )
+
+
+def test_imle_matches_every_data_point_with_its_true_nearest_sample():
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(7, 2, generator=g)
+    pool = torch.randn(7 * 3, 2, generator=g)  # samples_factor 3; the generator is the identity
+    imle = IMLE(IMLEOptions(samples_factor=3, generation_batch=4, jitter=0.0), points_context(data, Pool(pool)))
+    imle.on_epoch_start(0)
+    nearest = torch.cdist(data.double(), pool.double()).argmin(dim=1)
+    assert torch.equal(imle.matched_z, pool[nearest])
+    targets = imle.propose(Batch(data[[4, 1]], torch.tensor([4, 1])), step=0)
+    assert torch.equal(targets.z, pool[nearest[[4, 1]]]) and torch.equal(targets.x, data[[4, 1]])
+
+
+def test_imle_rematches_every_staleness_epochs_and_jitters_latents():
+    data = torch.randn(5, 2)
+    imle = IMLE(IMLEOptions(samples_factor=2, staleness=2, jitter=0.1), points_context(data, lambda n: torch.randn(n, 2)))
+    epochs = []
+    for epoch in range(5):
+        imle.on_epoch_start(epoch)
+        epochs.append(imle.matched_epoch)
+    assert epochs == [0, 0, 2, 2, 4]
+    z = imle.propose(Batch(data, torch.arange(5)), 0).z
+    assert 0 < (z - imle.matched_z).abs().max() < 1.0
+
+
+def test_nearest_with_alpha_1_returns_dataset_images_exactly(tiny_config):
+    run = build_run(tiny_config(targets="nearest"))
+    source, images = run.source, run.data.dataset.images
+    torch.manual_seed(0)
+    targets = source.propose(Batch(images[:32], torch.arange(32)), step=0)
+    fake = targets.prediction.detach()
+    truth = torch.cdist(fake.flatten(1).double(), images.flatten(1).double()).argmin(dim=1)
+    assert torch.equal(targets.x, images[truth])
+
+
+def test_nearest_alpha_and_k_move_part_way_to_the_mean_of_k_neighbours():
+    data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 4.0], [10.0, 10.0]])
+    sample = torch.tensor([[0.2, 0.1]])  # nearest: data 0, then 1, then 2
+    options = NearestOptions(alpha=0.5, k=2, backend="torch")
+    source = NearestTargets(options, points_context(data, lambda n: sample.clone()))
+    targets = source.propose(Batch(data[:1], torch.tensor([0])), step=0)
+    assert torch.allclose(targets.x, sample + 0.5 * (torch.tensor([[0.5, 0.0]]) - sample))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"alpha": 0.0}, "alpha: expected 0 < α <= 1, got 0.0"),
+    ({"k": 9}, r"k: expected 1 <= k <= 4 \(the data set size\), got 9"),
+    ({"space": "downsample"}, "'downsample' needs images; these data are 2-d points"),
+    ({"space": "inceptoin"}, "unknown space 'inceptoin'; expected one of pixels, downsample, projection"),
+])
+def test_nearest_bad_options_are_named(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        NearestTargets(NearestOptions(**bad), points_context(torch.randn(4, 2), None))
+
+
+def test_imle_bad_options_are_named():
+    with pytest.raises(ConfigError, match="staleness: expected an integer >= 1, got 0"):
+        IMLE(IMLEOptions(staleness=0), points_context(torch.randn(4, 2), None))
+    with pytest.raises(ConfigError, match="memory_budget: expected GiB > 0, got -1"):
+        IMLE(IMLEOptions(memory_budget=-1), points_context(torch.randn(4, 2), None))
+
+
+@pytest.mark.parametrize("space", ["downsample", "projection"])
+def test_reduced_spaces_have_the_configured_size(tiny_config, space):
+    run = build_run(tiny_config(f"targets.options.space={space}", "targets.options.downsample_to=4",
+                                "targets.options.projection_dim=10", targets="nearest"))
+    assert run.source.index.dim == {"downsample": 16, "projection": 10}[space]
+
+
+def test_imle_on_toy2d_brings_samples_closer_to_the_data(tiny_config, tmp_path):
+    config = tiny_config("data.name=toy2d", "data.mixture=grid25", "data.num_points=500", "train.batch_size=100",
+                         "train.steps=100", "targets.options.staleness=1", "targets.options.samples_factor=4",
+                         "regression.lr=0.002", targets="imle")
+    run = train(config, new_run_dir(config, False), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = log[0]["match_distance"], log[-1]["match_distance"]
+    assert log[-1]["matched_epoch"] == 19  # 500 points / 100 per batch: 20 epochs, matched at each
+    assert last < 0.5 * first, (first, last)
+    assert run.source.matched_z.shape == (500, 8)
+
+
+@pytest.mark.parametrize("targets", ["imle", "nearest"])
+@pytest.mark.parametrize("data", [[], ["--set", "data.name=toy2d", "--set", "data.num_points=300"]])
+def test_cli_trains_imle_and_nearest_out_of_the_box(tmp_path, targets, data):
+    code, out, err = run_cli("train", "--targets", targets, "--steps", "3", "--set", "train.out_dir=" + str(tmp_path),
+                             "--set", "train.batch_size=64", "--set", "targets.options.samples_factor=2" if targets == "imle"
+                             else "targets.options.k=1", *data)
+    assert code == 0, err
+    run_dir = tmp_path / f"{'toy2d' if data else 'digits'}-{targets}"
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert (run_dir / "samples" / "final.png").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 1
