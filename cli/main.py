@@ -96,6 +96,85 @@ def sample(
     console.print(f"wrote {n} samples to {out}")
 
 
+def _evaluation_options(base, metrics, features, n, seed, cache_dir, fid_weights):
+    """The run's evaluation section with the command line's choices on top."""
+    import dataclasses
+
+    changes = {"metrics": metrics, "features": features, "n": n, "seed": seed,
+               "cache_dir": str(cache_dir) if cache_dir else None, "fid_weights": str(fid_weights) if fid_weights else None}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+MetricsOption = Annotated[Optional[str], typer.Option(help="Comma-separated: fid, pr (precision/recall/density/coverage), modes (toy2d), classes (digits). Default: all that apply.")]
+FeaturesOption = Annotated[Optional[str], typer.Option(help="Feature space: inception (FID), digits (offline, for digits), pixels. Default: digits for digits, pixels for toy2d, else inception.")]
+NOption = Annotated[Optional[int], typer.Option("--n", help="Generated and real samples (default 2048, the paper's protocol).")]
+CacheOption = Annotated[Optional[Path], typer.Option(help="Where real statistics are cached (default ~/.cache/targetgen).")]
+WeightsOption = Annotated[Optional[Path], typer.Option(help=f"pytorch-fid's {'pt_inception-2015-12-05-6726825d.pth'} (else $TARGETGEN_FID_WEIGHTS, else the torch hub cache).")]
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    metrics: MetricsOption = None,
+    features: FeaturesOption = None,
+    n: NOption = None,
+    ema: Annotated[bool, typer.Option(help="Evaluate the EMA generator (runs trained with regression.ema).")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the latents and of the real subset.")] = None,
+    cache_dir: CacheOption = None,
+    fid_weights: WeightsOption = None,
+) -> None:
+    """Evaluate the latest checkpoint of a run; writes eval.json into the run directory and prints a table."""
+    import json
+
+    from rich.table import Table
+
+    from targetgen.evaluation import evaluate as run_evaluation
+    from targetgen.training import load_trained
+
+    run = load_trained(run_dir)
+    options = _evaluation_options(run.config.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
+    results = run_evaluation(run, options, ema=ema)
+    record = {"run": str(run_dir), "step": run.step, "ema": ema, "features": options.features, **results}
+    (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    table = Table("metric", "value", title=f"{run_dir} (step {run.step})")
+    for key, value in results.items():
+        table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    console.print(f"wrote {run_dir / 'eval.json'}")
+
+
+@app.command("fid-stats")
+def fid_stats(
+    source: Annotated[str, typer.Argument(help="A YAML config, an image folder, or a data name (digits, toy2d, mnist, ...).")],
+    set_: SetOption = None,
+    features: FeaturesOption = None,
+    n: NOption = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the real subset.")] = None,
+    cache_dir: CacheOption = None,
+    fid_weights: WeightsOption = None,
+) -> None:
+    """Precompute and cache the real data's feature statistics (used by evaluate and by training's evaluation)."""
+    from targetgen.config import load_config
+    from targetgen.data import load_data
+    from targetgen.evaluation import load_features, real_features, resolve_features
+    from targetgen.training import resolve_device
+
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        config = load_config(path, list(set_ or []))
+    elif path.is_dir():
+        config = load_config(None, ["data.name=folder", f"data.path={path}", *(set_ or [])])
+    else:
+        config = load_config(None, [f"data.name={source}", *(set_ or [])])
+    options = _evaluation_options(config.evaluation, None, features, n, seed, cache_dir, fid_weights)
+    options.features = resolve_features(options, config.data)
+    data = load_data(config.data)
+    extractor = load_features(options.features, resolve_device(config.train.device), options.fid_weights)
+    real = real_features(data, config.data, extractor, options)
+    console.print(f"{data.description}: {len(real.features)} images in '{options.features}' space "
+                  f"({real.features.size(1)}-d), statistics cached")
+
+
 @app.command()
 def plugins() -> None:
     """List installed plugins by group, with their distribution and whether they load."""

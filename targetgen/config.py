@@ -79,12 +79,24 @@ class RegressionConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    every: int = 0  # evaluate every N training steps into metrics.jsonl; 0: only on demand
+    metrics: str = "auto"  # comma-separated: fid, pr, modes, classes; auto: all that apply
+    features: str = "auto"  # inception | digits | pixels | a plugin; auto: digits / pixels (toy2d) / inception
+    n: int = 2048  # generated and real samples (the paper: 2048 vs 2048)
+    seed: int = 0  # latents and the real subset; fixed so that evaluations compare
+    cache_dir: str | None = None  # real statistics; None: ~/.cache/targetgen
+    fid_weights: str | None = None  # path of pt_inception-2015-12-05-6726825d.pth
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 # ----------------------------------------------------------------------------- validation

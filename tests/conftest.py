@@ -19,6 +19,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Evaluation caches real statistics under $XDG_CACHE_HOME: never the user's own during tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """A function building a tiny digits config writing under tmp_path."""

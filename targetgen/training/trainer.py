@@ -64,6 +64,7 @@ class Run:
     fixed_noise: Tensor
     steps_per_epoch: int
     total_steps: int
+    step: int = 0  # optimizer steps done, once loaded from a checkpoint
 
     @property
     def source(self) -> TargetGenerator | None:
@@ -205,6 +206,19 @@ def _check_finite(stats: dict[str, float], step: int, run_dir: Path) -> None:
             raise DivergenceError(f"training diverged at step {step + 1}: {key} = {value}; {kept}")
 
 
+def _log_evaluation(run: Run, pos: Position, metrics) -> None:
+    """Evaluation results as their own metrics.jsonl line, keys prefixed with ``eval/``.
+
+    Evaluation draws its latents and real subset from seeded generators of its
+    own, so it leaves the training trajectory (and exact resume) untouched.
+    """
+    from ..evaluation import evaluate
+
+    results = evaluate(run)
+    metrics.write(json.dumps({"step": pos.step, "epoch": pos.epoch, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
+    metrics.flush()
+
+
 def write_samples(run: Run, path: Path) -> None:
     samples = generate(run.strategy.sampling_generator(), run.fixed_noise)
     data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
@@ -258,6 +272,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     shown = ("d_loss", "g_loss", "regression_loss", "target_reach")
                     bar.update(task, losses=" ".join(f"{k}={stats[k]:.3g}" for k in shown if k in stats))
                 bar.update(task, completed=pos.step)
+                if config.evaluation.every and (pos.step % config.evaluation.every == 0 or pos.step == run.total_steps):
+                    _log_evaluation(run, pos, metrics)
                 if pos.step % t.sample_every == 0:
                     write_samples(run, run_dir / "samples" / f"step_{pos.step:06d}.png")
                 if pos.step % t.checkpoint_every == 0 or pos.step == run.total_steps:
@@ -273,5 +289,5 @@ def load_trained(run_dir: Path) -> Run:
     """Rebuild a run from its directory and load its latest checkpoint."""
     config = config_of_run(run_dir)
     run = build_run(config)
-    _restore(run, run_dir)
+    run.step = _restore(run, run_dir)[0].step
     return run
