@@ -207,3 +207,13 @@ def test_evaluate_modes_on_toy2d_and_bad_choices(tiny_config, tmp_path):
     assert code == 2 and "'classes' needs the digits classifier" in err
     code, _, err = run_cli("evaluate", str(run_dir), "--ema")
     assert code == 2 and "keeps no EMA generator" in err
+
+
+def test_training_with_inception_evaluation_but_no_weights_fails_before_the_first_step(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("TARGETGEN_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    config = tiny_config("train.steps=50", "evaluation.every=10", "evaluation.features=inception")
+    run_dir = new_run_dir(config, False)
+    with pytest.raises(DataError, match=FID_WEIGHTS_FILE):
+        train(config, run_dir, progress=False)
+    assert not (run_dir / "checkpoints").exists()

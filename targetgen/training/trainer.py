@@ -206,6 +206,17 @@ def _check_finite(stats: dict[str, float], step: int, run_dir: Path) -> None:
             raise DivergenceError(f"training diverged at step {step + 1}: {key} = {value}; {kept}")
 
 
+def _check_evaluation(config: Config) -> None:
+    """Fail before training, not at the first evaluation, on bad metrics or missing FID weights."""
+    from ..evaluation import resolve_features, resolve_metrics
+    from ..features import find_fid_weights
+
+    features = resolve_features(config.evaluation, config.data)
+    resolve_metrics(config.evaluation, config.data, features)
+    if features == "inception":
+        find_fid_weights(config.evaluation.fid_weights)
+
+
 def _log_evaluation(run: Run, pos: Position, metrics) -> None:
     """Evaluation results as their own metrics.jsonl line, keys prefixed with ``eval/``.
 
@@ -229,6 +240,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     """Train ``config`` into ``run_dir`` (from its checkpoint when ``resume``)."""
     run = build_run(config)
     t = config.train
+    if config.evaluation.every:
+        _check_evaluation(config)
     metrics_path = run_dir / "metrics.jsonl"
     pos = Position()
     order = epoch_order(len(run.data.dataset), t.seed, 0)
