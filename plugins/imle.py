@@ -22,21 +22,16 @@ from torch import Tensor, nn
 
 from targetgen import Batch, TargetGenerator, Targets, TrainingContext
 from targetgen.errors import ConfigError
-from targetgen.search import BACKENDS, RunningNearest
-from targetgen.spaces import SearchSpace, embed_dataset
+from targetgen.search import RunningNearest
+from targetgen.spaces import SearchOptions, embed_dataset, search_space
 
 
 @dataclass
-class IMLEOptions:
+class IMLEOptions(SearchOptions):
     samples_factor: int = 10  # generated samples per data point at each matching
     staleness: int = 5  # epochs between matchings
     jitter: float = 0.01  # std of the noise added to matched latents at every step
-    space: str = "pixels"  # pixels | downsample | projection | a targetgen.features name
-    downsample_to: int = 8  # space=downsample: side of the pooled image
-    projection_dim: int = 64  # space=projection: dimensions kept
-    memory_budget: float = 2.0  # GiB of working memory for one search
     generation_batch: int = 512  # latents generated per forward pass while matching
-    backend: str = "auto"  # auto | faiss-gpu | faiss-cpu | torch
 
 
 class IMLE(TargetGenerator):
@@ -52,14 +47,7 @@ class IMLE(TargetGenerator):
                 raise ConfigError(f"targets.options.{key}: expected an integer >= 1, got {getattr(options, key)}")
         if options.jitter < 0:
             raise ConfigError(f"targets.options.jitter: expected >= 0, got {options.jitter}")
-        if options.memory_budget <= 0:
-            raise ConfigError(f"targets.options.memory_budget: expected GiB > 0, got {options.memory_budget}")
-        if options.backend not in BACKENDS:
-            raise ConfigError(f"targets.options.backend: expected one of {', '.join(BACKENDS)}, got {options.backend!r}")
-        self.space = SearchSpace(
-            options.space, context.image_shape, context.device, options.downsample_to, options.projection_dim
-        )
-        self.budget = int(options.memory_budget * 1024**3)
+        self.space = search_space(options, context.image_shape, context.device)
         self.matched_z: Tensor | None = None  # one latent per data point
         self.matched_epoch = -1  # epoch of the last matching
         self.match_distance = float("nan")  # mean squared distance data → matched sample
@@ -79,7 +67,7 @@ class IMLE(TargetGenerator):
         """For every data point, the latent of its nearest sample in a fresh pool."""
         o, ctx = self.options, self.context
         n = len(ctx.dataset)
-        nearest = RunningNearest(self.data_features(), o.backend, self.budget)
+        nearest = RunningNearest(self.data_features(), o.backend, o.budget_bytes())
         generator = self.matching_copy()
         matched_z = None
         for start in range(0, o.samples_factor * n, o.generation_batch):

@@ -19,19 +19,14 @@ import torch
 
 from targetgen import Batch, TargetGenerator, Targets, TrainingContext
 from targetgen.errors import ConfigError
-from targetgen.search import BACKENDS, NearestNeighbours
-from targetgen.spaces import SearchSpace, embed_dataset
+from targetgen.search import NearestNeighbours
+from targetgen.spaces import SearchOptions, embed_dataset, search_space
 
 
 @dataclass
-class NearestOptions:
+class NearestOptions(SearchOptions):
     alpha: float = 1.0  # share of the way to the neighbour (1 = the neighbour itself)
     k: int = 1  # target the mean of the k nearest real images
-    space: str = "pixels"  # pixels | downsample | projection | a targetgen.features name
-    downsample_to: int = 8
-    projection_dim: int = 64
-    memory_budget: float = 2.0  # GiB of working memory for one search
-    backend: str = "auto"  # auto | faiss-gpu | faiss-cpu | torch
 
 
 class NearestTargets(TargetGenerator):
@@ -45,16 +40,10 @@ class NearestTargets(TargetGenerator):
         n = len(context.dataset)
         if not 1 <= options.k <= n:
             raise ConfigError(f"targets.options.k: expected 1 <= k <= {n} (the data set size), got {options.k}")
-        if options.memory_budget <= 0:
-            raise ConfigError(f"targets.options.memory_budget: expected GiB > 0, got {options.memory_budget}")
-        if options.backend not in BACKENDS:
-            raise ConfigError(f"targets.options.backend: expected one of {', '.join(BACKENDS)}, got {options.backend!r}")
-        self.space = SearchSpace(
-            options.space, context.image_shape, context.device, options.downsample_to, options.projection_dim
-        )
+        self.space = search_space(options, context.image_shape, context.device)
         features = embed_dataset(context.dataset, self.space, context.device)
         self.index = NearestNeighbours(
-            features, options.backend, int(options.memory_budget * 1024**3), max_queries=4096, k=options.k
+            features, options.backend, options.budget_bytes(), max_queries=4096, k=options.k
         )
 
     def neighbours(self, indices: torch.Tensor) -> torch.Tensor:

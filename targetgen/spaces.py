@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,32 @@ from torch import Tensor
 from . import registry
 from .data import iterate_batches
 from .errors import ConfigError
+from .search import BACKENDS
 
 BUILTIN_SPACES = ("pixels", "downsample", "projection")
+
+
+@dataclass
+class SearchOptions:
+    """Where and how a target source searches nearest neighbours (imle, nearest)."""
+
+    space: str = "pixels"  # pixels | downsample | projection | a targetgen.features name
+    downsample_to: int = 8  # space=downsample: side of the pooled image
+    projection_dim: int = 64  # space=projection: dimensions kept
+    memory_budget: float = 2.0  # GiB of working memory for one search
+    backend: str = "auto"  # auto | faiss-gpu | faiss-cpu | torch
+
+    def budget_bytes(self) -> int:
+        return int(self.memory_budget * 1024**3)
+
+
+def search_space(options: SearchOptions, image_shape: tuple[int, ...], device: torch.device) -> "SearchSpace":
+    """The space of ``options``, after checking its budget and backend."""
+    if options.memory_budget <= 0:
+        raise ConfigError(f"targets.options.memory_budget: expected GiB > 0, got {options.memory_budget}")
+    if options.backend not in BACKENDS:
+        raise ConfigError(f"targets.options.backend: expected one of {', '.join(BACKENDS)}, got {options.backend!r}")
+    return SearchSpace(options.space, image_shape, device, options.downsample_to, options.projection_dim)
 
 
 class SearchSpace:
