@@ -176,6 +176,52 @@ def fid_stats(
 
 
 @app.command()
+def compare(
+    out: Annotated[Path, typer.Option(help="Folder of the comparison: runs/, logs/, results.csv, report.md, curves.png, samples.png.")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; its `compare` section (targets, seeds, grid, control) is the default plan.")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Comma-separated target sources, e.g. standard,inversion,imle,nearest.")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds per configuration (train.seed, train.seed + 1, ...).")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option(help="A grid axis, key=v1,v2,... (repeatable; axes combine as a product). Keys apply to the sources that have them.")] = None,
+    set_: SetOption = None,
+    jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes (the CPU threads are shared among them).")] = 1,
+    control: Annotated[Optional[bool], typer.Option("--control/--no-control", help="Add 'standard, G lr = λ2' for every inversion λ2 that differs from standard's lr (default: on).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train every target source × grid point × seed with equal budgets, then write the report.
+
+    Re-running the same command skips finished runs and resumes interrupted ones
+    from their last checkpoint.
+    """
+    import shlex
+
+    from targetgen.compare import plan_comparison, run_plan, write_plan
+    from targetgen.report import write_report
+
+    plan = plan_comparison(config, out, list(set_ or []), targets, seeds, list(grid or []), control)
+    write_plan(plan, shlex.join(["targetgen", *sys.argv[1:]]))
+    labels = ", ".join(c.label for c in plan.configurations)
+    console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs: {labels}",
+                  soft_wrap=True, highlight=False)
+    outcome = run_plan(plan, jobs, console, progress)
+    paths = write_report(out)
+    console.print("report: " + ", ".join(str(p) for p in paths))
+    if outcome.failed:
+        names = ", ".join(name for name, _ in outcome.failed)
+        raise TargetgenError(f"{len(outcome.failed)} runs failed ({names}); their logs are in {out / 'logs'}; "
+                             "fix the cause and run the same command again to retry them")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="The folder of a comparison (targetgen compare --out).")],
+) -> None:
+    """Rebuild results.csv, report.md, curves.png and samples.png from a comparison's finished runs."""
+    from targetgen.report import write_report
+
+    console.print("wrote " + ", ".join(str(p) for p in write_report(out)))
+
+
+@app.command()
 def plugins() -> None:
     """List installed plugins by group, with their distribution and whether they load."""
     from rich.table import Table

@@ -243,6 +243,8 @@ def load_config(
     if given (its options start from that source's defaults), then apply ``--set``
     overrides."""
     raw = read_yaml(path) if path is not None else {}
+    if "compare" in raw:
+        raise ConfigError(f"{path} describes a comparison (it has a compare section); run it with targetgen compare --config {path} --out DIR")
     if targets is not None:
         section = raw.get("targets") or {}
         if not isinstance(section, dict) or section.get("name", TargetsConfig.name) != targets:

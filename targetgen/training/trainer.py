@@ -164,6 +164,8 @@ class Position:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch: int = 0  # batches of ``epoch`` done
+    images: int = 0  # real images seen, for equal-budget comparisons
+    seconds: float = 0.0  # time spent in training steps (not evaluation or I/O), summed over resumes
 
 
 def _save_checkpoint(run: Run, run_dir: Path, pos: Position, order: Tensor) -> None:
@@ -173,6 +175,8 @@ def _save_checkpoint(run: Run, run_dir: Path, pos: Position, order: Tensor) -> N
             "step": pos.step,
             "epoch": pos.epoch,
             "batch": pos.batch,
+            "images": pos.images,
+            "seconds": pos.seconds,
             "order": order,
             "generator": run.generator.state_dict(),
             "strategy": run.strategy.state_dict(),
@@ -187,7 +191,8 @@ def _restore(run: Run, run_dir: Path) -> tuple[Position, Tensor]:
     run.generator.load_state_dict(state["generator"])
     run.strategy.load_state_dict(state["strategy"])
     set_rng_state(state["rng"])
-    return Position(state["step"], state["epoch"], state["batch"]), state["order"]
+    position = Position(state["step"], state["epoch"], state["batch"], state.get("images", 0), state.get("seconds", 0.0))
+    return position, state["order"]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -226,7 +231,8 @@ def _log_evaluation(run: Run, pos: Position, metrics) -> None:
     from ..evaluation import evaluate
 
     results = evaluate(run)
-    metrics.write(json.dumps({"step": pos.step, "epoch": pos.epoch, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
+    record = {"step": pos.step, "epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds}
+    metrics.write(json.dumps({**record, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
     metrics.flush()
 
 
@@ -263,22 +269,26 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     images_seen, busy = 0, 0.0
     with bar, (run_dir / "metrics.jsonl").open("a") as metrics:
         while pos.step < run.total_steps:
+            started = time.perf_counter()  # an epoch's set-up (IMLE's re-match) counts as training time
             if pos.batch == 0:
                 order = epoch_order(len(run.data.dataset), t.seed, pos.epoch)
                 run.strategy.on_epoch_start(pos.epoch)
-            started = time.perf_counter()
             for batch in iterate_batches(run.data.dataset, order, t.batch_size, pos.batch, t.drop_last, config.data.num_workers):
                 log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
                 stats = run.strategy.step(batch, pos.step, log)
                 _check_finite(stats, pos.step, run_dir)
                 pos.step += 1
                 pos.batch += 1
+                elapsed = time.perf_counter() - started
                 images_seen += len(batch.images)
-                busy += time.perf_counter() - started
+                busy += elapsed
+                pos.images += len(batch.images)
+                pos.seconds += elapsed
                 if pos.batch == run.steps_per_epoch:  # normalise: a finished epoch is the next one's start
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 if log:
-                    record = {"step": pos.step, "epoch": pos.epoch, "images_per_s": images_seen / max(busy, 1e-9), **stats}
+                    record = {"step": pos.step, "epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds,
+                              "images_per_s": images_seen / max(busy, 1e-9), **stats}
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     images_seen, busy = 0, 0.0

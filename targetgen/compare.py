@@ -1,0 +1,479 @@
+"""Compare target sources: plan every (source × grid point × seed) run, train
+them in parallel processes, skip finished runs and resume interrupted ones.
+
+A comparison is an ordinary training config plus a ``compare`` section::
+
+    compare:
+      targets: standard,inversion,imle,nearest
+      seeds: 5
+      grid:
+        lambda1:                      # an axis: a list of points ...
+          - {targets.options.lambda1: 0.25, regression.lr: 0.0008}
+          - {targets.options.lambda1: 1.0, regression.lr: 0.0002}
+        regression.loss: [{l2: 1.0}, {l1: 1.0}]   # ... or of values of one key
+
+Axes combine as a Cartesian product. A point applies to a source when every
+key in it does (``targets.options.*`` keys when the source has that option,
+``regression.*`` keys for decomposed sources); an axis none of whose points
+applies is left out for that source, so ``standard`` runs once however the
+inversion options are swept.
+
+Layout of the output folder ``DIR``::
+
+    DIR/command.txt          the command line, for the report
+    DIR/plan.json            every run in plan order (label, source, seed, control)
+    DIR/configs/<run>.yaml   the config each run was planned with
+    DIR/runs/<run>/          ordinary run directories (+ summary.json once finished)
+    DIR/logs/<run>.log       each run's own output
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import registry
+from .config import Config, apply_override, from_dict, read_yaml
+from .errors import ConfigError, TargetgenError
+from .training.standard import StandardOptions
+
+CONTROL_SUFFIX = "(control)"
+
+
+@dataclass
+class CompareConfig:
+    targets: str = "standard,inversion"  # comma-separated target sources
+    seeds: int = 1  # each configuration runs with seeds train.seed, train.seed + 1, ...
+    grid: dict[str, Any] = field(default_factory=dict)  # axis → list of values, or of {key: value} points
+    control: bool = True  # add "standard, G lr = λ2" next to inversion runs whose λ2 differs from standard's lr
+
+
+@dataclass
+class Configuration:
+    """One column of the comparison: a source with its grid settings; run once per seed."""
+
+    label: str  # "inversion lambda1=0.25 lr=0.0008"
+    source: str
+    settings: dict[str, Any]  # dotted config key → value, on top of the base config
+    control: bool = False
+
+
+@dataclass
+class PlannedRun:
+    name: str  # run directory name under DIR/runs
+    configuration: Configuration
+    seed: int
+    config: dict[str, Any]  # the complete raw training config of this run
+
+
+@dataclass
+class Plan:
+    out: Path
+    compare: CompareConfig
+    configurations: list[Configuration]
+    runs: list[PlannedRun]
+
+    def run_dir(self, run: PlannedRun) -> Path:
+        return self.out / "runs" / run.name
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):  # a loss mix {l2: 1.0, ssim: 0.2} → "l2+ssim*0.2"
+        return "+".join(k if w == 1 else f"{k}*{_format(w)}" for k, w in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(_format(v) for v in value)
+    return str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_")
+
+
+def _options_fields(source: str) -> set[str]:
+    options = StandardOptions if source == "standard" else registry.load("targets", source).Options
+    return {f.name for f in dataclasses.fields(options)}
+
+
+def _applies(key: str, source: str) -> bool:
+    section, _, rest = key.partition(".")
+    if section == "targets":
+        return rest.startswith("options.") and rest.split(".")[1] in _options_fields(source)
+    if section == "regression":
+        return source != "standard"  # the standard GAN has no regression engine
+    return True
+
+
+def parse_grid_option(text: str) -> tuple[str, list[Any]]:
+    """``--grid key=v1,v2,...`` → (key, [v1, v2, ...]); values read as YAML."""
+    key, sep, values = text.partition("=")
+    if not sep or "." not in key or not values.strip():
+        raise ConfigError(f"--grid {text!r}: expected section.key=v1,v2,..., e.g. targets.options.lambda1=0.25,0.5,1")
+    return key.strip(), [yaml.safe_load(v) for v in values.split(",")]
+
+
+def _axes(grid: dict[str, Any]) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Each axis as a list of (label, {dotted key: value}) points."""
+    axes = []
+    for axis, points in grid.items():
+        if not isinstance(points, list) or not points:
+            raise ConfigError(f"compare.grid.{axis}: expected a non-empty list of values or of {{key: value}} points, got {points!r}")
+        parsed = []
+        for point in points:
+            if isinstance(point, dict) and all(isinstance(k, str) and "." in k for k in point if k != "label"):
+                settings = {k: v for k, v in point.items() if k != "label"}
+                if not settings:
+                    raise ConfigError(f"compare.grid.{axis}: a point needs at least one section.key, got {point!r}")
+                label = str(point.get("label") or " ".join(f"{k.rsplit('.', 1)[-1]}={_format(v)}" for k, v in settings.items()))
+            elif "." in axis:
+                settings = {axis: point}
+                label = f"{axis.rsplit('.', 1)[-1]}={_format(point)}"
+            else:
+                raise ConfigError(
+                    f"compare.grid.{axis}: a value axis must be named by its config key (e.g. targets.options.lambda1), "
+                    f"or its points must be mappings of section.key: value; got {point!r}"
+                )
+            parsed.append((label, settings))
+        axes.append(parsed)
+    return axes
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    for part in key.split(".")[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"compare.grid: '{key}': '{part}' is a value, not a section")
+        node = child
+    node[key.split(".")[-1]] = copy.deepcopy(value)
+
+
+def _source_config(base: dict[str, Any], source: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``base`` switched to ``source`` (whose options start from its defaults unless base names it) + settings."""
+    raw = copy.deepcopy(base)
+    targets = raw.get("targets") or {}
+    if not isinstance(targets, dict) or targets.get("name", "inversion") != source:
+        raw["targets"] = {"name": source, "options": {}}
+    for key, value in settings.items():
+        _set(raw, key, value)
+    return raw
+
+
+def _resolved(raw: dict[str, Any], where: str) -> tuple[Config, Any]:
+    """The typed config and target options of ``raw``; errors name the configuration."""
+    try:
+        config = from_dict(Config, raw)
+        source = config.targets.name
+        options_cls = StandardOptions if source == "standard" else registry.load("targets", source).Options
+        return config, from_dict(options_cls, config.targets.options, "targets.options")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _configurations(base: dict[str, Any], compare: CompareConfig, sources: list[str]) -> list[Configuration]:
+    axes = _axes(compare.grid)
+    used = [[False] * len(axis) for axis in axes]
+    found: dict[str, Configuration] = {}
+    for source in sources:
+        relevant = []
+        for a, axis in enumerate(axes):
+            fits = [all(_applies(k, source) for k in settings) for _, settings in axis]
+            if any(fits) and not all(fits):
+                raise ConfigError(
+                    f"compare.grid: axis {list(compare.grid)[a]!r} has points that apply to '{source}' and points that "
+                    "do not; split it into axes whose points set the same kind of keys"
+                )
+            if all(fits):
+                relevant.append(axis)
+                used[a] = [True] * len(axis)
+        for combination in itertools.product(*relevant):
+            settings = {k: v for _, point in combination for k, v in point.items()}
+            label = " ".join([source, *(text for text, _ in combination)])
+            found.setdefault(label, Configuration(label, source, settings))
+    for a, axis in enumerate(axes):
+        if not any(used[a]):
+            raise ConfigError(
+                f"compare.grid: axis {list(compare.grid)[a]!r} applies to none of the sources {', '.join(sources)} "
+                "(targets.options keys must be options of a source; regression keys need a decomposed source)"
+            )
+    configurations = list(found.values())
+    if compare.control:
+        configurations += _controls(base, configurations)
+    return configurations
+
+
+def _controls(base: dict[str, Any], configurations: list[Configuration]) -> list[Configuration]:
+    """The fair control of DESIGN.md: with Adam and N1 = N2 = 1 a decomposed run at
+    (λ1, λ2) is nearly the standard GAN with generator lr λ2, so every inversion λ2
+    that differs from the standard baseline's lr gets "standard, G lr = λ2"."""
+    standard = [c for c in configurations if c.source == "standard"]
+    baselines = {_resolved(_source_config(base, "standard", c.settings), c.label)[1].g_lr for c in standard}
+    if not baselines:
+        baselines = {_resolved(_source_config(base, "standard", {}), "standard")[1].g_lr}
+    controls: dict[str, Configuration] = {}
+    for c in configurations:
+        if c.source != "inversion":
+            continue
+        config, options = _resolved(_source_config(base, c.source, c.settings), c.label)
+        lr = config.regression.lr
+        if lr in baselines:
+            continue
+        label = f"standard G-lr={_format(lr)} {CONTROL_SUFFIX}"
+        settings = {"targets.options.g_lr": lr, "targets.options.d_lr": options.d_lr, "targets.options.betas": list(config.regression.betas)}
+        controls.setdefault(label, Configuration(label, "standard", settings, control=True))
+    return list(controls.values())
+
+
+def _total_steps(config: Config, lengths: dict[str, int]) -> int:
+    if config.train.steps is not None:
+        return config.train.steps
+    from .data import batches_per_epoch, load_data
+
+    key = json.dumps(dataclasses.asdict(config.data), sort_keys=True)
+    if key not in lengths:
+        lengths[key] = len(load_data(config.data).dataset)
+    return config.train.epochs * batches_per_epoch(lengths[key], config.train.batch_size, config.train.drop_last)
+
+
+def plan_comparison(
+    config_path: Path | None,
+    out: Path,
+    overrides: list[str] = (),
+    targets: str | None = None,
+    seeds: int | None = None,
+    grid: list[str] = (),
+    control: bool | None = None,
+) -> Plan:
+    """Every run of the comparison, validated (types, option names) before anything trains."""
+    raw = read_yaml(config_path) if config_path is not None else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    compare = from_dict(CompareConfig, raw.pop("compare", None), "compare")
+    if targets is not None:
+        compare.targets = targets
+    if seeds is not None:
+        compare.seeds = seeds
+    if control is not None:
+        compare.control = control
+    compare.grid = dict(compare.grid)
+    for text in grid:
+        key, values = parse_grid_option(text)
+        compare.grid[key] = values
+    if compare.seeds < 1:
+        raise ConfigError(f"--seeds: expected at least 1 seed, got {compare.seeds}")
+    sources = [s.strip() for s in compare.targets.split(",") if s.strip()]
+    if not sources:
+        raise ConfigError(f"--targets: expected a comma-separated list of target sources, got {compare.targets!r}")
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"--targets: a source is listed twice in {compare.targets!r}")
+    for source in sources:
+        if source != "standard":
+            registry.load("targets", source)  # unknown names fail here, with the available ones
+
+    configurations = _configurations(raw, compare, sources)
+    slugs: dict[str, str] = {}
+    for c in configurations:
+        other = slugs.setdefault(_slug(c.label), c.label)
+        if other != c.label:
+            raise ConfigError(f"compare.grid: configurations {other!r} and {c.label!r} would share a run directory; "
+                              "give their points distinct ASCII labels")
+    runs, lengths = [], {}
+    for configuration in configurations:
+        source_raw = _source_config(raw, configuration.source, configuration.settings)
+        config, _ = _resolved(source_raw, configuration.label)
+        for i in range(compare.seeds):
+            seed = config.train.seed + i
+            name = f"{_slug(configuration.label)}-seed{seed}"
+            run_raw = copy.deepcopy(source_raw)
+            _set(run_raw, "train.name", name)
+            _set(run_raw, "train.out_dir", str(out / "runs"))
+            _set(run_raw, "train.seed", seed)
+            if not config.evaluation.every:  # curves need in-run evaluations: about ten per run
+                _set(run_raw, "evaluation.every", max(1, _total_steps(config, lengths) // 10))
+            runs.append(PlannedRun(name, configuration, seed, run_raw))
+    return Plan(out, compare, configurations, runs)
+
+
+# ----------------------------------------------------------------------------- the plan on disk
+
+
+def _flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {prefix: raw}
+    flat = {}
+    for key, value in raw.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def write_plan(plan: Plan, command: str) -> None:
+    """Record the plan; refuse when a run already in ``out`` was planned differently."""
+    configs = plan.out / "configs"
+    for run in plan.runs:
+        path = configs / f"{run.name}.yaml"
+        if path.exists():
+            before, now = _flatten(yaml.safe_load(path.read_text())), _flatten(run.config)
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            if changed:
+                key = changed[0]
+                raise ConfigError(
+                    f"{plan.out} already holds run {run.name} planned differently ({key}: {before.get(key)!r} there, "
+                    f"{now.get(key)!r} now); use another --out, or delete {plan.run_dir(run)} and {path} to redo it"
+                )
+    configs.mkdir(parents=True, exist_ok=True)
+    (plan.out / "logs").mkdir(exist_ok=True)
+    for run in plan.runs:
+        (configs / f"{run.name}.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
+    entries = [
+        {"name": r.name, "label": r.configuration.label, "source": r.configuration.source, "seed": r.seed,
+         "control": r.configuration.control, "settings": r.configuration.settings}
+        for r in plan.runs
+    ]
+    (plan.out / "plan.json").write_text(json.dumps(entries, indent=1) + "\n")
+    (plan.out / "command.txt").write_text(command + "\n")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    from .training.checkpoint import load_checkpoint
+    from .training.trainer import CHECKPOINT
+
+    path = run_dir / CHECKPOINT
+    return load_checkpoint(path)["step"] if path.is_file() else None
+
+
+def _command(plan: Plan, run: PlannedRun) -> tuple[list[str], int | None]:
+    """The ``targetgen train`` command line for ``run``, and the step it resumes from."""
+    run_dir = plan.run_dir(run)
+    train = [sys.executable, "-m", "targetgen.cli", "train", "--no-progress"]
+    step = _checkpoint_step(run_dir)
+    if step is not None:
+        return [*train, "--resume", str(run_dir)], step
+    config = str(plan.out / "configs" / f"{run.name}.yaml")
+    return [*train, "--config", config, "--overwrite"], None  # --overwrite: a run that died before its first checkpoint
+
+
+def final_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """The last evaluation (``eval/`` keys, prefix dropped) and the last log line of a run."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evaluations = [line for line in lines if any(k.startswith("eval/") for k in line)]
+    metrics = {k[5:]: v for k, v in evaluations[-1].items() if k.startswith("eval/")} if evaluations else {}
+    return metrics, lines[-1] if lines else {}
+
+
+def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: float) -> dict[str, Any]:
+    run_dir = plan.run_dir(run)
+    metrics, last = final_metrics(run_dir)
+    summary = {
+        "name": run.name, "label": run.configuration.label, "source": run.configuration.source,
+        "control": run.configuration.control, "seed": run.seed, "settings": run.configuration.settings,
+        "steps": last.get("step"), "images_seen": last.get("images_seen"), "train_s": last.get("train_s"),
+        "wall_s": wall_s, "resumed_from": resumed_from, "metrics": metrics,
+    }
+    partial = run_dir / "summary.json.partial"
+    partial.write_text(json.dumps(summary, indent=1) + "\n")
+    partial.replace(run_dir / "summary.json")
+    return summary
+
+
+HEADLINE = ("fid", "fid_digits", "fid_pixels", "precision", "recall", "modes_covered", "high_quality_share", "classes_covered")
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    shown = [f"{k} {summary['metrics'][k]:.4g}" for k in HEADLINE if k in summary["metrics"]]
+    resumed = f", resumed from step {summary['resumed_from']}" if summary["resumed_from"] is not None else ""
+    train_s = summary["train_s"] or 0.0
+    return f"{summary['label']} seed {summary['seed']}: {', '.join(shown) or 'no metrics'} ({train_s:.0f} s training{resumed})"
+
+
+@dataclass
+class Outcome:
+    finished: list[dict[str, Any]]  # summaries of runs finished now
+    skipped: list[str]  # names of runs finished before
+    failed: list[tuple[str, str]]  # (name, why)
+
+
+def run_plan(plan: Plan, jobs: int, console, progress: bool = True) -> Outcome:
+    """Train every unfinished run, ``jobs`` processes at a time; print a line per finished run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected at least 1 parallel run, got {jobs}")
+    pending = [r for r in plan.runs if not is_finished(plan.run_dir(r))]
+    outcome = Outcome([], [r.name for r in plan.runs if is_finished(plan.run_dir(r))], [])
+    if outcome.skipped:
+        console.print(f"{len(outcome.skipped)} of {len(plan.runs)} runs already finished: skipped")
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # share the cores instead of oversubscribing them
+        env.setdefault(var, threads)
+
+    bar = Progress(
+        TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[running]}"),
+        console=console, disable=not progress,
+    )
+    running: dict[str, tuple[subprocess.Popen, PlannedRun, int | None, float, Any]] = {}
+    task = bar.add_task("compare", total=len(plan.runs), completed=len(outcome.skipped), running="")
+    try:
+        with bar:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    run = pending.pop(0)
+                    command, resumed_from = _command(plan, run)
+                    log = (plan.out / "logs" / f"{run.name}.log").open("a")
+                    what = f"resuming from step {resumed_from}" if resumed_from is not None else "starting"
+                    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {' '.join(command)}\n")
+                    log.flush()
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    running[run.name] = (process, run, resumed_from, time.perf_counter(), log)
+                    bar.update(task, running=f"running: {', '.join(running)}")
+                time.sleep(0.2)
+                for name, (process, run, resumed_from, started, log) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    log.close()
+                    del running[name]
+                    if process.returncode == 0:
+                        summary = _summarise(plan, run, resumed_from, time.perf_counter() - started)
+                        outcome.finished.append(summary)
+                        console.print(f"[green]done[/] {summary_line(summary)}", soft_wrap=True, highlight=False)
+                    else:
+                        tail = _last_line(plan.out / "logs" / f"{name}.log")
+                        outcome.failed.append((name, tail))
+                        console.print(f"[red]failed[/] {name} (exit {process.returncode}): {tail}", soft_wrap=True, highlight=False)
+                    bar.update(task, advance=1, running=f"running: {', '.join(running)}" if running else "")
+    except KeyboardInterrupt:
+        for process, *_ in running.values():
+            process.terminate()
+        for process, *_ in running.values():
+            process.wait()
+        raise TargetgenError(f"comparison interrupted; run the same command again to resume it ({plan.out})") from None
+    return outcome
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"

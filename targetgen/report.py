@@ -1,0 +1,261 @@
+"""The comparison report: results.csv, report.md, curves.png and samples.png.
+
+Reads only what ``targetgen compare`` leaves in its folder (plan.json, each
+run's summary.json and metrics.jsonl), so it can be rebuilt at any time, also
+from a comparison that is still missing runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RunDirectoryError
+
+# Metrics where smaller is better; every other reported metric is better larger.
+LOWER_IS_BETTER = ("fid", "kl_to_uniform")
+ORDER = ("fid", "fid_digits", "fid_pixels", "fid_inception", "precision", "recall", "density", "coverage",
+         "modes_covered", "high_quality_share", "mode_kl_to_uniform", "classes_covered", "class_kl_to_uniform")
+# Bookkeeping keys, not results.
+NOT_REPORTED = ("n", "modes_total")
+
+
+@dataclass
+class Group:
+    """The runs of one configuration (one per seed), in plan order."""
+
+    label: str
+    source: str
+    control: bool
+    summaries: list[dict[str, Any]]
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(part in metric for part in LOWER_IS_BETTER)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN with a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def load_groups(out: Path) -> list[Group]:
+    plan_path = out / "plan.json"
+    if not plan_path.is_file():
+        raise RunDirectoryError(f"{out} holds no comparison (no plan.json); run targetgen compare --out {out} first")
+    groups: dict[str, Group] = {}
+    for entry in json.loads(plan_path.read_text()):
+        group = groups.setdefault(entry["label"], Group(entry["label"], entry["source"], entry["control"], []))
+        summary_path = out / "runs" / entry["name"] / "summary.json"
+        if summary_path.is_file():
+            group.summaries.append(json.loads(summary_path.read_text()))
+    return list(groups.values())
+
+
+def reported_metrics(groups: list[Group]) -> list[str]:
+    seen: dict[str, None] = {}
+    for group in groups:
+        for summary in group.summaries:
+            for key in summary["metrics"]:
+                if key not in NOT_REPORTED and not re.fullmatch(r"class_\d+_share", key):  # per-class shares: csv only
+                    seen.setdefault(key)
+    # headline metrics first (the report's first table and its summary sentence), the rest as they come
+    first = [m for m in ORDER if m in seen]
+    return first + [m for m in seen if m not in first]
+
+
+# ----------------------------------------------------------------------------- results.csv
+
+
+def write_results_csv(groups: list[Group], path: Path) -> None:
+    rows = []
+    for group in groups:
+        for s in group.summaries:
+            settings = {f"set:{k}": json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in s["settings"].items()}
+            rows.append({
+                "run": s["name"], "configuration": s["label"], "source": s["source"], "control": s["control"],
+                "seed": s["seed"], "steps": s["steps"], "images_seen": s["images_seen"], "train_s": s["train_s"],
+                **settings, **s["metrics"],
+            })
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- report.md
+
+
+def _cell(mean: float, se: float, digits: int = 4) -> str:
+    if math.isnan(se):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {se:.2g}"
+
+
+def headline(groups: list[Group], metric: str) -> str | None:
+    """One sentence: the best configuration against standard and against the lr control."""
+    stats = {g.label: mean_se([s["metrics"][metric] for s in g.summaries]) for g in groups
+             if g.summaries and all(metric in s["metrics"] for s in g.summaries)}
+    if not stats:
+        return None
+    sign = 1 if lower_is_better(metric) else -1
+    best = min(stats, key=lambda label: sign * stats[label][0])
+    parts = [f"best {metric}: **{best}** {_cell(*stats[best])}"]
+    for group in groups:
+        if group.label in stats and group.label != best and (group.label == "standard" or group.control):
+            mean, se = stats[group.label]
+            apart = not (math.isnan(se) or math.isnan(stats[best][1])) and abs(mean - stats[best][0]) > se + stats[best][1]
+            better = f"{100 * sign * (mean - stats[best][0]) / abs(mean):.1f}% better, " if mean else ""
+            parts.append(f"vs {group.label} {_cell(mean, se)}: {better}"
+                         f"standard errors {'do not overlap' if apart else 'overlap'}")
+    return "; ".join(parts)
+
+
+def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
+    command = (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else "(unknown)"
+    runs = sum(len(g.summaries) for g in groups)
+    planned = len(json.loads((out / "plan.json").read_text()))
+    lines = [
+        f"# Comparison: {out.name}", "",
+        "```bash", command, "```", "",
+        f"{runs} of {planned} planned runs finished. Each cell: mean ± standard error over seeds (n in the last "
+        "column); the best configuration per metric is in bold. Rows marked (control) are the standard GAN "
+        "with generator lr = λ2 of an inversion row (DESIGN.md: with Adam and N1 = N2 = 1, the decomposed "
+        "step at (λ1, λ2) is nearly that run).", "",
+    ]
+    for metric in metrics[:1]:
+        sentence = headline(groups, metric)
+        if sentence:
+            lines += [sentence, ""]
+    for metric in metrics:
+        direction = "lower is better" if lower_is_better(metric) else "higher is better"
+        lines += [f"## {metric} ({direction})", "", "| configuration | " + metric + " | n |", "|---|---|---|"]
+        stats = {}
+        for g in groups:
+            values = [s["metrics"][metric] for s in g.summaries if metric in s["metrics"]]
+            if values:
+                stats[g.label] = (mean_se(values), len(values))
+        if not stats:
+            continue
+        sign = 1 if lower_is_better(metric) else -1
+        best = min(stats, key=lambda label: sign * stats[label][0][0])
+        for label, ((mean, se), n) in stats.items():
+            cell = _cell(mean, se)
+            lines.append(f"| {label} | {'**' + cell + '**' if label == best else cell} | {n} |")
+        lines.append("")
+    lines += ["## Budget", "", "Equal steps and batch size for every run; training seconds exclude evaluation "
+              "and checkpointing.", "", "| configuration | steps | images seen | training s |", "|---|---|---|---|"]
+    for g in groups:
+        if g.summaries:
+            steps = {s["steps"] for s in g.summaries}
+            images = {s["images_seen"] for s in g.summaries}
+            seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])
+            lines.append(f"| {g.label} | {', '.join(map(str, sorted(steps)))} | {', '.join(map(str, sorted(images)))} | {_cell(*seconds, digits=3)} |")
+    lines += ["", "## Runs and their resolved configs", ""]
+    for g in groups:
+        for s in g.summaries:
+            lines.append(f"- {g.label}, seed {s['seed']}: [`runs/{s['name']}/config.yaml`](runs/{s['name']}/config.yaml)")
+    lines += ["", "![curves](curves.png)", "", "![samples](samples.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _evaluations(out: Path, name: str) -> list[dict[str, Any]]:
+    path = out / "runs" / name / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if any(k.startswith("eval/") for k in line)]
+
+
+def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if m.startswith("fid")][:1] + [m for m in metrics if not m.startswith("fid")][:3]
+    fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.2 * len(shown)), squeeze=False)
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    for i, group in enumerate(g for g in groups if g.summaries):
+        by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for s in group.summaries:
+            for line in _evaluations(out, s["name"]):
+                by_step[line["step"]].append(line)
+        steps = sorted(by_step)
+        seconds = [sum(l.get("train_s", 0.0) for l in by_step[t]) / len(by_step[t]) for t in steps]
+        style = "--" if group.control else "-"
+        for row, metric in enumerate(shown):
+            stats = [mean_se([l[f"eval/{metric}"] for l in by_step[t] if f"eval/{metric}" in l] or [math.nan]) for t in steps]
+            mean = [m for m, _ in stats]
+            low = [m - (0 if math.isnan(se) else se) for m, se in stats]
+            high = [m + (0 if math.isnan(se) else se) for m, se in stats]
+            for col, x in enumerate((steps, seconds)):
+                ax = axes[row][col]
+                ax.plot(x, mean, style, color=colours(i), label=group.label)
+                ax.fill_between(x, low, high, color=colours(i), alpha=0.2)
+    for row, metric in enumerate(shown):
+        for col, xlabel in enumerate(("training step", "training seconds (wall clock)")):
+            ax = axes[row][col]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric)
+            ax.set_title(f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better) vs {xlabel.split(' (')[0]}")
+            ax.grid(alpha=0.3)
+    if shown:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize="small", frameon=False)
+    fig.suptitle(f"{out.name}: mean over seeds, band ± 1 standard error")
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(groups) / 3), 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_samples(groups: list[Group], out: Path, path: Path) -> None:
+    """Each configuration's final sample grid (its first seed), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [(g, out / "runs" / g.summaries[0]["name"] / "samples" / "final.png") for g in groups if g.summaries]
+    shown = [(g, p) for g, p in shown if p.is_file()]
+    if not shown:
+        return
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (group, image) in zip(axes.flat, shown):
+        ax.imshow(plt.imread(image))
+        ax.set_title(f"{group.label}\nseed {group.summaries[0]['seed']}", fontsize="small")
+    fig.suptitle(f"{out.name}: final samples per configuration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> list[Path]:
+    """All four report files for the comparison in ``out``; returns their paths."""
+    groups = load_groups(out)
+    metrics = reported_metrics(groups)
+    paths = [out / "results.csv", out / "report.md", out / "curves.png", out / "samples.png"]
+    write_results_csv(groups, paths[0])
+    write_report_md(groups, out, metrics)
+    write_curves(groups, out, metrics, paths[2])
+    write_samples(groups, out, paths[3])
+    return [p for p in paths if p.exists()]
