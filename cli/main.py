@@ -247,6 +247,30 @@ def toy(
 
 
 @app.command()
+def probe(
+    run_dir: Annotated[Path, typer.Argument(help="A decomposed run directory.")],
+    batch_size: Annotated[int, typer.Option(help="Samples in the probed batch (K has (batch × sample size)² entries, never formed).")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the batch and the latents.")] = 0,
+) -> None:
+    """Measure the generator's inductive bias K_θ along the target source's requests (docs/theory.md)."""
+    import json
+
+    from rich.table import Table
+
+    from targetgen.probe import probe_run
+    from targetgen.training import load_trained
+
+    if batch_size < 2:
+        raise TargetgenError(f"--batch-size: expected at least 2 samples, got {batch_size}")
+    results = probe_run(load_trained(run_dir), batch_size, seed)
+    table = Table("quantity", "value", title=f"K_θ probe of {run_dir}")
+    for key, value in results.items():
+        table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    (run_dir / "probe.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+@app.command()
 def plugins() -> None:
     """List installed plugins by group, with their distribution and whether they load."""
     from rich.table import Table

@@ -82,3 +82,45 @@ def predicted_reach(generator: nn.Module, z: Tensor, targets: Tensor, step: floa
 def rayleigh_quotient(generator: nn.Module, z: Tensor, v: Tensor) -> float:
     """κ(v) = vᵀ K v / vᵀ v: how strongly the generator responds to a request along ``v``."""
     return ((v * kernel_vector_product(generator, z, v)).sum() / v.pow(2).sum()).item()
+
+
+def probe_run(run, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """K_θ of a trained decomposed run, along what its target source asks for.
+
+    Draws one batch (seeded), lets the source propose targets x' for it, and
+    reports κ along the request r = x' − G(z) next to κ along random
+    directions (trace(K) / n, Hutchinson's estimate); the alignment
+    cos(r, K r), whose square is the largest reach any SGD step can have, and
+    that step; and the reach of one SGD regression step of size λ2.
+    """
+    from .api import Batch
+    from .data import iterate_batches
+    from .errors import ConfigError
+
+    source = run.source
+    if source is None:
+        raise ConfigError("probe: a standard run has no target source; probe a decomposed run (inversion, imle, ...)")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(run.data.dataset), generator=g)
+    batch: Batch = next(iterate_batches(run.data.dataset, order, batch_size, 0, False))
+    torch.manual_seed(seed)
+    targets = source.propose(batch, run.step)
+    generator, z = run.generator, targets.z.detach()
+    with torch.no_grad():
+        request = targets.x.detach() - generator(z)
+    k_request = kernel_vector_product(generator, z, request)
+    r_k_r = (request * k_request).sum().item()
+    probes = [torch.randn(request.shape, generator=g).to(request) for _ in range(4)]
+    lr = run.config.regression.lr / run.config.regression.steps
+    return {
+        # how strongly G responds along the request, and along random directions
+        "kappa_request": r_k_r / request.pow(2).sum().item(),
+        "kappa_random": sum(rayleigh_quotient(generator, z, v) for v in probes) / len(probes),
+        # cos(r, K r): 1 when G can move exactly as asked; its square is the best reach any SGD step gets
+        "alignment": r_k_r / (request.norm() * k_request.norm()).item(),
+        "best_sgd_reach": r_k_r**2 / (request.pow(2).sum() * k_request.pow(2).sum()).item(),
+        "best_sgd_lr": r_k_r / k_request.pow(2).sum().item(),
+        "lr": lr,
+        "sgd_reach_at_lr": predicted_reach(generator, z, targets.x.detach(), lr),
+        "request_norm_per_sample": request.flatten(1).norm(dim=1).mean().item(),
+    }

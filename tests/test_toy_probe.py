@@ -86,6 +86,21 @@ def test_first_order_prediction_matches_an_actual_sgd_step(float64):
     assert errors[0] < 1e-2 and errors[1] < errors[0] / 5
 
 
+def test_best_sgd_step_reaches_the_squared_alignment(float64):
+    torch.manual_seed(6)
+    generator = MLPGenerator(nz=3, hidden=16).double()
+    z = torch.randn(5, 3)
+    with torch.no_grad():
+        targets = generator(z) + torch.randn(5, 2)
+        request = targets - generator(z)
+    k_r = kernel_vector_product(generator, z, request)
+    best_step = ((request * k_r).sum() / k_r.pow(2).sum()).item()
+    cos = ((request * k_r).sum() / (request.norm() * k_r.norm())).item()
+    assert predicted_reach(generator, z, targets, best_step) == pytest.approx(cos**2, rel=1e-10)
+    for other in (0.5 * best_step, 2 * best_step):
+        assert predicted_reach(generator, z, targets, other) < cos**2
+
+
 def test_linear_generator_first_order_prediction_is_exact(float64):
     torch.manual_seed(4)
     generator = random_linear(3)
@@ -125,3 +140,26 @@ def test_toy_cli_writes_json_and_plots(tmp_path):
         assert (tmp_path / png).stat().st_size > 5_000
     code, _, stderr = run_cli("toy", "--regression", "exact", "--out", str(tmp_path))
     assert code == 2 and "expected closed-form or gradient, got 'exact'" in stderr
+
+
+def test_probe_of_a_trained_run_is_consistent(tiny_config, tmp_path):
+    from targetgen.probe import probe_run
+    from targetgen.training import load_trained, new_run_dir, train
+
+    config = tiny_config("train.steps=3", "regression.lr=0.0008", "targets.options.lambda1=0.25", targets="inversion")
+    run_dir = new_run_dir(config, False)
+    train(config, run_dir, progress=False)
+    result = probe_run(load_trained(run_dir), batch_size=8)
+    assert result["kappa_request"] > 0 and result["kappa_random"] > 0  # K is positive semi-definite
+    assert 0 < result["alignment"] <= 1
+    assert result["best_sgd_reach"] == pytest.approx(result["alignment"] ** 2, rel=1e-6)
+    again = probe_run(load_trained(run_dir), batch_size=8)
+    assert again == pytest.approx(result, rel=1e-5)  # seeded: the same batch, latents and targets
+
+    code, _, stderr = run_cli("probe", str(run_dir), "--batch-size", "1")
+    assert code == 2 and "--batch-size: expected at least 2" in stderr
+    standard = tiny_config("train.steps=1", targets="standard", name="std")
+    std_dir = new_run_dir(standard, False)
+    train(standard, std_dir, progress=False)
+    code, _, stderr = run_cli("probe", str(std_dir))
+    assert code == 2 and "a standard run has no target source" in stderr
