@@ -119,8 +119,14 @@ def headline(groups: list[Group], metric: str) -> str | None:
         if group.label in stats and group.label != best and (group.label == "standard" or group.control):
             mean, se = stats[group.label]
             apart = not (math.isnan(se) or math.isnan(stats[best][1])) and abs(mean - stats[best][0]) > se + stats[best][1]
-            better = f"{100 * sign * (mean - stats[best][0]) / abs(mean):.1f}% better, " if mean else ""
-            parts.append(f"vs {group.label} {_cell(mean, se)}: {better}"
+            if mean == stats[best][0]:
+                parts.append(f"tied with {group.label}")
+                continue
+            if lower_is_better(metric):  # FID-like: the relative reduction
+                better = f"{100 * (mean - stats[best][0]) / abs(mean):.1f}% lower" if mean else "lower"
+            else:
+                better = f"{stats[best][0] - mean:+.3g}"
+            parts.append(f"vs {group.label} {_cell(mean, se)}: {better}, "
                          f"standard errors {'do not overlap' if apart else 'overlap'}")
     return "; ".join(parts)
 
@@ -137,10 +143,16 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
         "with generator lr = λ2 of an inversion row (DESIGN.md: with Adam and N1 = N2 = 1, the decomposed "
         "step at (λ1, λ2) is nearly that run).", "",
     ]
-    for metric in metrics[:1]:
+    headlines = [m for m in metrics if m.startswith("fid")][:1] + [m for m in ("modes_covered", "high_quality_share") if m in metrics]
+    for metric in headlines:
         sentence = headline(groups, metric)
         if sentence:
-            lines += [sentence, ""]
+            lines += [f"- {sentence}"]
+    if "modes_covered" in metrics:
+        lines += ["", "On 2-D points the Fréchet distance compares only means and covariances: a single Gaussian "
+                  "blob over the whole mixture scores near 0. Modes covered and the high-quality share are the "
+                  "measures of mode collapse and sample quality here."]
+    lines.append("")
     for metric in metrics:
         direction = "lower is better" if lower_is_better(metric) else "higher is better"
         lines += [f"## {metric} ({direction})", "", "| configuration | " + metric + " | n |", "|---|---|---|"]
@@ -152,10 +164,10 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
         if not stats:
             continue
         sign = 1 if lower_is_better(metric) else -1
-        best = min(stats, key=lambda label: sign * stats[label][0][0])
+        best = min(sign * mean for (mean, _), _ in stats.values())
         for label, ((mean, se), n) in stats.items():
             cell = _cell(mean, se)
-            lines.append(f"| {label} | {'**' + cell + '**' if label == best else cell} | {n} |")
+            lines.append(f"| {label} | {'**' + cell + '**' if sign * mean == best else cell} | {n} |")  # ties: all bold
         lines.append("")
     lines += ["## Budget", "", "Equal steps and batch size for every run; training seconds exclude evaluation "
               "and checkpointing.", "", "| configuration | steps | images seen | training s |", "|---|---|---|---|"]
@@ -188,7 +200,8 @@ def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in metrics if m.startswith("fid")][:1] + [m for m in metrics if not m.startswith("fid")][:3]
+    preferred = ("modes_covered", "high_quality_share", "classes_covered", "precision", "recall")
+    shown = ([m for m in metrics if m.startswith("fid")][:1] + [m for m in preferred if m in metrics])[:4]
     fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.2 * len(shown)), squeeze=False)
     colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     for i, group in enumerate(g for g in groups if g.summaries):
