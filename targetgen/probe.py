@@ -19,6 +19,7 @@ updated, so probing leaves the model untouched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -59,7 +60,11 @@ def kernel_vector_product(generator: nn.Module, z: Tensor, v: Tensor) -> Tensor:
     output, params = _as_function(generator, z)
     _, pullback = vjp(output, params)
     (jt_v,) = pullback(v.reshape(-1))
-    _, j_jt_v = jvp(output, (params,), (jt_v,))
+    with warnings.catch_warnings():
+        # torch's forward-mode AD registers its decompositions with torch.jit.script on first
+        # use, which warns that jit.script is deprecated: torch's own business, not the user's
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        _, j_jt_v = jvp(output, (params,), (jt_v,))
     return j_jt_v.reshape(v.shape)
 
 
