@@ -6,6 +6,7 @@ status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,6 +52,8 @@ def train(
     from targetgen.training import config_of_run, new_run_dir
     from targetgen.training import train as run_training
 
+    from targetgen.distributed import join, leave, on_main
+
     overrides = list(set_ or [])
     for key, value in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size), ("seed", seed),
                        ("name", name), ("out_dir", out_dir), ("device", device)):
@@ -60,16 +63,25 @@ def train(
         if config is not None or targets is not None or overwrite:
             raise TargetgenError("--resume continues a run with its saved config; drop --config, --targets and --overwrite")
         cfg = config_of_run(resume, overrides)
-        run_dir = resume
-        console.print(f"resuming [bold]{run_dir}[/]")
     else:
         cfg = load_config(config, overrides, targets)
-        run_dir = new_run_dir(cfg, overwrite)
-    run = run_training(cfg, run_dir, resume=resume is not None, progress=progress)
-    console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {run.total_steps} steps")
-    console.print(f"samples:    {run_dir / 'samples'}")
-    console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
-    console.print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}")
+    processes = join(cfg.train.device)  # torchrun: one process per GPU (or CPU share), see docs/scaling.md
+    try:
+        if resume is not None:
+            run_dir = resume
+            if processes.is_main:
+                console.print(f"resuming [bold]{run_dir}[/]")
+        else:  # rank 0 prepares the directory; every process learns its fate
+            run_dir = on_main(processes, lambda: new_run_dir(cfg, overwrite))
+        run = run_training(cfg, run_dir, resume=resume is not None, progress=progress, processes=processes)
+    finally:
+        leave(processes)
+    if processes.is_main:
+        where = f" on {processes.world_size} processes" if processes.distributed else ""
+        console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {run.total_steps} steps{where}")
+        console.print(f"samples:    {run_dir / 'samples'}")
+        console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
+        console.print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}")
 
 
 @app.command()
@@ -288,7 +300,8 @@ def main() -> None:
     try:
         app()
     except TargetgenError as err:
-        err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+            err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; continue with --resume <run directory> (from the last checkpoint)")

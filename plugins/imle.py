@@ -8,19 +8,22 @@ why IMLE covers every mode by construction.
 Matching (every ``staleness`` epochs): draw ``samples_factor`` × N latents,
 generate them in batches without gradients, and keep, for every data point,
 the latent of its nearest sample. The pool is streamed through the search
-chunk by chunk and never held whole. Between matchings a step regresses
+chunk by chunk and never held whole; its latents come from a generator
+seeded by (run seed, epoch), the same in every process of a distributed run. Between matchings a step regresses
 G(z_i + jitter) onto x_i for the batch's data points i.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from targetgen import Batch, TargetGenerator, Targets, TrainingContext
+from targetgen.distributed import Processes, gather_nearest, unwrap
 from targetgen.errors import ConfigError
 from targetgen.search import RunningNearest
 from targetgen.spaces import SearchOptions, embed_dataset, search_space
@@ -47,6 +50,8 @@ class IMLE(TargetGenerator):
                 raise ConfigError(f"targets.options.{key}: expected an integer >= 1, got {getattr(options, key)}")
         if options.jitter < 0:
             raise ConfigError(f"targets.options.jitter: expected >= 0, got {options.jitter}")
+        if not context.latent_shape:
+            raise ValueError("IMLE draws its own pool of latents: TrainingContext.latent_shape must be set")
         self.space = search_space(options, context.image_shape, context.device)
         self.matched_z: Tensor | None = None  # one latent per data point
         self.matched_epoch = -1  # epoch of the last matching
@@ -60,27 +65,48 @@ class IMLE(TargetGenerator):
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.matched_z is None or epoch - self.matched_epoch >= self.options.staleness:
-            self.match()
+            self.match(epoch)
             self.matched_epoch = epoch
 
-    def match(self) -> None:
-        """For every data point, the latent of its nearest sample in a fresh pool."""
+    def pool_latents(self, epoch: int) -> Iterator[Tensor]:
+        """The latents of the matching pool at ``epoch``, in generation batches.
+
+        Drawn from a generator of their own, seeded by (run seed, epoch), so
+        that every process of a distributed run draws the same pool, and a
+        resumed run the same pool as an uninterrupted one.
+        """
         o, ctx = self.options, self.context
-        n = len(ctx.dataset)
+        total = o.samples_factor * len(ctx.dataset)
+        draws = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7919 * (epoch + 1))
+        for start in range(0, total, o.generation_batch):
+            yield torch.randn(min(o.generation_batch, total - start), *ctx.latent_shape, generator=draws)
+
+    def match(self, epoch: int = 0) -> None:
+        """For every data point, the latent of its nearest sample in a fresh pool.
+
+        Distributed, each process generates every world_size-th batch of the
+        pool; the nearest candidates are then gathered, so every data point
+        still gets its nearest sample from the whole pool (and the same one as
+        a single process would find).
+        """
+        o, ctx = self.options, self.context
         nearest = RunningNearest(self.data_features(), o.backend, o.budget_bytes())
         generator = self.matching_copy()
         matched_z = None
-        for start in range(0, o.samples_factor * n, o.generation_batch):
-            # Latents are drawn outside inference mode: the matched ones are trained on later.
-            z = ctx.sample_latents(min(o.generation_batch, o.samples_factor * n - start))
-            with torch.inference_mode():
-                features = self.space(generator(z)).clone(memory_format=torch.contiguous_format)
+        start = 0
+        for j, z in enumerate(self.pool_latents(epoch)):
             if matched_z is None:
-                matched_z = torch.empty((n, *z.shape[1:]), dtype=z.dtype, device=z.device)
-            improved, position = nearest.update(features)
-            matched_z[improved.to(z.device)] = z[position.to(z.device)]
-        self.matched_z = matched_z
-        self.match_distance = nearest.distance.mean().item()
+                matched_z = torch.zeros((len(ctx.dataset), *z.shape[1:]), dtype=z.dtype)
+            if j % ctx.world_size == ctx.rank:
+                with torch.inference_mode():
+                    features = self.space(generator(z.to(ctx.device))).clone(memory_format=torch.contiguous_format)
+                improved, position = nearest.update(features, offset=start)
+                matched_z[improved] = z[position.cpu()]
+            start += len(z)
+        processes = Processes(ctx.rank, ctx.world_size)
+        distance, _, matched_z = gather_nearest(nearest.distance, nearest.index, matched_z, processes)
+        self.matched_z = matched_z.to(ctx.device)
+        self.match_distance = distance.mean().item()
 
     def matching_copy(self) -> nn.Module:
         """A copy of the generator to generate the pool with.
@@ -89,7 +115,7 @@ class IMLE(TargetGenerator):
         generator's running statistics alone; channels-last for images, the
         layout oneDNN convolves fastest on CPU (measured 1.4× on digits).
         """
-        generator = copy.deepcopy(self.context.generator)
+        generator = copy.deepcopy(unwrap(self.context.generator))
         if len(self.context.image_shape) == 3:
             generator = generator.to(memory_format=torch.channels_last)
         return generator

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from targetgen import Batch, TargetGenerator, Targets, TrainingContext, registry
+from targetgen.distributed import unwrap
 from targetgen.errors import ConfigError
 from targetgen.models import forward_preserving_buffers
 from targetgen.schedules import scheduled
@@ -83,8 +84,14 @@ class DiscriminatorInversion(TargetGenerator):
             raise ConfigError(f"targets.options.lambda1: expected λ1 > 0, got {options.lambda1}")
         if options.steps < 1:
             raise ConfigError(f"targets.options.steps: expected N1 >= 1, got {options.steps}")
+        if options.d_loss == "wgan-gp" and context.world_size > 1:
+            raise ConfigError("targets.options.d_loss: wgan-gp's gradient penalty needs double backward, which "
+                              "DistributedDataParallel does not support; use bce, lsgan or hinge distributed")
         self.regularizers = [(registry.load("regularizers", n), w) for n, w in options.regularizers.items() if w]
+        # netD is what the discriminator step calls (inside DDP / autocast when configured);
+        # inverse examples differentiate the plain network, in float32.
         self.netD = context.make_discriminator(sigmoid=options.d_loss == "bce").to(context.device)
+        self.plain_netD = unwrap(self.netD)
         self.optimizerD = torch.optim.Adam(self.netD.parameters(), lr=options.d_lr, betas=options.d_betas)
 
     # -- the step ---------------------------------------------------------------------------
@@ -134,13 +141,16 @@ class DiscriminatorInversion(TargetGenerator):
         Only ``x`` is differentiated, never the discriminator's weights.
         """
         o = self.options
-        step_size = self.lambda1(step) / o.steps
-        probabilities = self.netD.outputs_probabilities
-        x = x0
+        # δ1 is a mean over the batch; distributed, each process holds 1/world_size of the
+        # global batch, so its mean is rescaled to the global one's per-sample weight.
+        step_size = self.lambda1(step) / o.steps / self.context.world_size
+        netD = self.plain_netD
+        probabilities = netD.outputs_probabilities
+        x = x0  # float32 (or float64) even under bf16: Autocast hands back float32
         d_before = 0.0
         for i in range(o.steps):
             x = x.detach().requires_grad_(True)
-            output = self.netD(x).view(-1)
+            output = netD(x).view(-1)
             if i == 0:
                 d_before = output.mean().item()
             delta1 = discrepancy(output, o.discrepancy, probabilities)
@@ -159,12 +169,12 @@ class DiscriminatorInversion(TargetGenerator):
         """Costly statistics, computed only on logging steps."""
         x_prime = targets.x
         moved = (x_prime - targets.prediction.detach()).flatten(1).norm(dim=1).mean().item()
-        d_after = forward_preserving_buffers(self.netD, x_prime).mean().item()
+        d_after = forward_preserving_buffers(self.plain_netD, x_prime).mean().item()
         return {"d_fake_after_inversion": d_after, "target_distance": moved}
 
     def state_dict(self) -> dict:
-        return {"netD": self.netD.state_dict(), "optimizerD": self.optimizerD.state_dict()}
+        return {"netD": self.plain_netD.state_dict(), "optimizerD": self.optimizerD.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.netD.load_state_dict(state["netD"])
+        self.plain_netD.load_state_dict(state["netD"])
         self.optimizerD.load_state_dict(state["optimizerD"])

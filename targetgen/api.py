@@ -49,9 +49,11 @@ class TrainingContext:
     dataset: Dataset  # the training set, indexable; items are (image, index)
     image_shape: tuple[int, ...]
     device: torch.device
-    rank: int = 0  # distributed position (0 of 1 alone)
-    world_size: int = 1
+    rank: int = 0  # distributed position (0 of 1 alone); sample_latents already returns this
+    world_size: int = 1  # process's share, and ``dataset`` is the whole training set on every rank
     total_steps: int = 1  # length of the run, for schedules
+    latent_shape: tuple[int, ...] = ()  # shape of one latent (nz for MLPs, nz×1×1 for DCGAN)
+    seed: int = 0  # the run's seed, for draws of a source's own that every process must agree on
     # Builds a fresh discriminator matched to the data and the configured width;
     # ``sigmoid=True`` ends it with the DCGAN tutorial's Sigmoid (for BCE).
     make_discriminator: Callable[..., nn.Module] | None = None

@@ -56,6 +56,10 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 200
     checkpoint_every: int = 200
+    # GPU options (docs/scaling.md), off by default
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for G and D; inverse examples stay float32
+    channels_last: bool = False  # images in NHWC, the layout tensor cores (and oneDNN) prefer
+    cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution algorithms (CUDA only)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,11 +257,15 @@ def batches_per_epoch(size: int, batch_size: int, drop_last: bool) -> int:
 
 
 def iterate_batches(
-    dataset: Dataset, order: Tensor, batch_size: int, start: int, drop_last: bool, num_workers: int = 0
+    dataset: Dataset, order: Tensor, batch_size: int, start: int, drop_last: bool, num_workers: int = 0,
+    share: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Batch]:
-    """Batches ``start, start+1, ...`` of one epoch in ``order``."""
+    """Batches ``start, start+1, ...`` of one epoch in ``order``; with ``share``,
+    only this process's share of each (global) batch is loaded."""
     count = batches_per_epoch(len(order), batch_size, drop_last)
     index_batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(start, count)]
+    if share is not None:
+        index_batches = [share(indices) for indices in index_batches]
     if isinstance(dataset, TensorImages):  # in memory: index directly, no loader overhead
         for indices in index_batches:
             yield Batch(dataset.images[indices], indices)

@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from . import registry
 from .api import Targets
 from .config import RegressionConfig
+from .distributed import unwrap
 from .errors import ConfigError
 from .models import forward_preserving_buffers
 from .schedules import scheduled
@@ -34,11 +35,13 @@ def _check(config: RegressionConfig) -> None:
 
 
 class RegressionEngine:
-    def __init__(self, generator: nn.Module, config: RegressionConfig, total_steps: int):
+    def __init__(self, generator: nn.Module, config: RegressionConfig, total_steps: int, world_size: int = 1):
         _check(config)
-        self.generator = generator
+        self.generator = generator  # as training calls it (inside DDP / autocast when configured)
         self.config = config
         self.total_steps = total_steps
+        # DDP averages gradients over processes; a summed loss must add them up instead
+        self.sum_scale = float(world_size)
         self.losses = [(registry.load("losses", name), weight) for name, weight in config.loss.items()]
         params = generator.parameters()
         if config.optimizer == "adam":
@@ -46,7 +49,7 @@ class RegressionEngine:
         else:
             self.optimizer = torch.optim.SGD(params, lr=config.lr / config.steps, momentum=config.momentum)
         self.ema = (
-            AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+            AveragedModel(unwrap(generator), multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
             if config.ema is not None
             else None
         )
@@ -57,7 +60,7 @@ class RegressionEngine:
         if weight is not None:
             per_sample = per_sample * weight
         if self.config.reduction == "sum":
-            return per_sample.sum()
+            return per_sample.sum() * self.sum_scale
         return per_sample.sum() / prediction.numel()
 
     def step_size(self, step: int) -> float:
@@ -81,15 +84,15 @@ class RegressionEngine:
             if j == 0:
                 first_loss, before = loss.detach(), prediction.detach()
         if self.ema is not None:
-            self.ema.update_parameters(self.generator)
+            self.ema.update_parameters(unwrap(self.generator))
 
         stats = {"regression_loss": first_loss.item()}
         if measure_reach:
-            stats["target_reach"] = target_reach(self.generator, z, before, x_target)
+            stats["target_reach"] = target_reach(unwrap(self.generator), z, before, x_target)
         return stats
 
     def sampling_generator(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.generator
+        return self.ema.module if self.ema is not None else unwrap(self.generator)
 
     def state_dict(self) -> dict:
         return {

@@ -246,13 +246,17 @@ class RunningNearest:
         self.index = torch.full((len(self.queries),), -1, dtype=torch.int64)
         self.seen = 0  # database vectors searched so far
 
-    def update(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (improved: bool mask over queries, position in ``chunk`` for those)."""
+    def update(self, chunk: Tensor, offset: int | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (improved: bool mask over queries, position in ``chunk`` for those).
+
+        ``offset``: the chunk's position in the whole database (default: right
+        after the chunks seen so far), for callers that see only some chunks.
+        """
         index = NearestNeighbours(chunk, self.backend, self.memory_budget, max_queries=len(self.queries))
         d, i = index.search(self.queries, 1)
         d, i = d[:, 0], i[:, 0]
         improved = d < self.distance  # strict: ties keep the earlier neighbour
         self.distance[improved] = d[improved]
-        self.index[improved] = i[improved] + self.seen
+        self.index[improved] = i[improved] + (self.seen if offset is None else offset)
         self.seen += len(chunk)
         return improved, i[improved]

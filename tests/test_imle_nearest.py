@@ -15,30 +15,19 @@ from targetgen.plugins.nearest import NearestOptions, NearestTargets
 from targetgen.training import build_run, new_run_dir, train
 
 
-class Pool:
-    """sample_latents that hands out a fixed pool of latents in order."""
-
-    def __init__(self, latents):
-        self.latents, self.used = latents, 0
-
-    def __call__(self, n):
-        out = self.latents[self.used : self.used + n]
-        self.used += n
-        return out
-
-
-def points_context(data, sample_latents, generator=None):
+def points_context(data, sample_latents, generator=None, **distributed):
     return TrainingContext(
         generator=generator or nn.Identity(), sample_latents=sample_latents, dataset=TensorImages(data),
-        image_shape=(2,), device=torch.device("cpu"), total_steps=10,
+        image_shape=(2,), device=torch.device("cpu"), total_steps=10, latent_shape=(2,), **distributed,
     )
 
 
 def test_imle_matches_every_data_point_with_its_true_nearest_sample():
     g = torch.Generator().manual_seed(0)
     data = torch.randn(7, 2, generator=g)
-    pool = torch.randn(7 * 3, 2, generator=g)  # samples_factor 3; the generator is the identity
-    imle = IMLE(IMLEOptions(samples_factor=3, generation_batch=4, jitter=0.0), points_context(data, Pool(pool)))
+    imle = IMLE(IMLEOptions(samples_factor=3, generation_batch=4, jitter=0.0), points_context(data, None))
+    pool = torch.cat(list(imle.pool_latents(0)))  # samples_factor 3; the generator is the identity
+    assert pool.shape == (7 * 3, 2) and not torch.equal(pool, torch.cat(list(imle.pool_latents(1))))
     imle.on_epoch_start(0)
     nearest = torch.cdist(data.double(), pool.double()).argmin(dim=1)
     assert torch.equal(imle.matched_z, pool[nearest])

@@ -16,6 +16,7 @@ import torch.optim as optim
 from torch import Tensor
 
 from ..api import Batch
+from ..distributed import unwrap
 from ..errors import ConfigError
 
 # Establish convention for real and fake labels during training
@@ -102,12 +103,12 @@ class StandardGAN:
         return {"d_loss": errD.item(), "g_loss": errG.item(), "d_real": D_x, "d_fake": D_G_z1, "d_fake_after_d_step": D_G_z2}
 
     def sampling_generator(self) -> nn.Module:
-        return self.netG
+        return unwrap(self.netG)
 
     def state_dict(self) -> dict:
-        return {"netD": self.netD.state_dict(), "optimizerD": self.optimizerD.state_dict(), "optimizerG": self.optimizerG.state_dict()}
+        return {"netD": unwrap(self.netD).state_dict(), "optimizerD": self.optimizerD.state_dict(), "optimizerG": self.optimizerG.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.netD.load_state_dict(state["netD"])
+        unwrap(self.netD).load_state_dict(state["netD"])
         self.optimizerD.load_state_dict(state["optimizerD"])
         self.optimizerG.load_state_dict(state["optimizerG"])

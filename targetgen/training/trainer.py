@@ -7,6 +7,7 @@ regression engine).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -21,6 +22,7 @@ from .. import registry
 from ..api import TargetGenerator, TrainingContext
 from ..config import Config, dump_config, from_dict, to_dict, read_yaml
 from ..data import TrainingData, batches_per_epoch, epoch_order, iterate_batches, load_data
+from ..distributed import Processes, average, check_batch, local_share, unwrap, wrap
 from ..errors import ConfigError, DivergenceError, RunDirectoryError
 from ..models import build_discriminator, build_generator, latent_shape
 from ..regression import RegressionEngine
@@ -32,9 +34,13 @@ from .standard import StandardGAN, StandardOptions
 CHECKPOINT = "checkpoints/last.pt"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, processes: Processes = Processes()) -> torch.device:
+    """The configured device; a distributed process on CUDA gets the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and processes.distributed and torch.cuda.is_available():
+        torch.cuda.set_device(processes.local_rank)
+        return torch.device("cuda", processes.local_rank)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available; use cpu or auto")
     try:
@@ -52,6 +58,15 @@ def _check_train(config: Config) -> None:
         raise ConfigError(f"train.steps: expected a positive integer, got {t.steps}")
 
 
+def _check_gpu_options(config: Config, device: torch.device) -> None:
+    """cudnn.benchmark needs CUDA; bf16 and channels-last also run on CPU (slowly: they are meant for GPUs)."""
+    t = config.train
+    if t.cudnn_benchmark:
+        if device.type != "cuda":
+            raise ConfigError(f"train.cudnn_benchmark: needs a CUDA device, the run uses {device}")
+        torch.backends.cudnn.benchmark = True
+
+
 @dataclass
 class Run:
     """Everything built from a config, in a fixed, seeded order."""
@@ -59,23 +74,26 @@ class Run:
     config: Config
     data: TrainingData
     device: torch.device
-    generator: nn.Module
+    generator: nn.Module  # the plain network (checkpoints, samples, evaluation)
     strategy: StandardGAN | Decomposed
     fixed_noise: Tensor
     steps_per_epoch: int
     total_steps: int
     step: int = 0  # optimizer steps done, once loaded from a checkpoint
+    processes: Processes = Processes()
 
     @property
     def source(self) -> TargetGenerator | None:
         return self.strategy.source if isinstance(self.strategy, Decomposed) else None
 
 
-def build_run(config: Config) -> Run:
+def build_run(config: Config, processes: Processes = Processes()) -> Run:
     """Build data, models and strategy. Resolves the target options in ``config`` in place."""
     _check_train(config)
     t, m = config.train, config.model
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, processes)
+    _check_gpu_options(config, device)
+    check_batch(t.batch_size, t.drop_last, processes)
     seed_everything(t.seed)
     data = load_data(config.data)
     n = len(data.dataset)
@@ -85,41 +103,54 @@ def build_run(config: Config) -> Run:
     total_steps = t.steps if t.steps is not None else t.epochs * steps_per_epoch
 
     shape = data.image_shape
+    if t.channels_last and len(shape) != 3:
+        raise ConfigError("train.channels_last: a memory layout for images; toy2d data are points")
+    layout = torch.channels_last if t.channels_last else torch.contiguous_format
+    bf16 = t.precision == "bf16"
     z_shape = latent_shape(shape, m.nz)
-    netG = build_generator(shape, m.nz, m.ngf, m.hidden).to(device)
+    netG = build_generator(shape, m.nz, m.ngf, m.hidden).to(device, memory_format=layout)
+    trained_G = wrap(netG, processes, device, bf16)  # what steps call: DDP and autocast when asked for
 
     def sample_latents(count: int) -> Tensor:
-        return torch.randn(count, *z_shape, device=device)
+        # Every process draws the latents of the whole global batch (the RNG streams stay
+        # identical) and keeps its own share: the same latents a single process would use.
+        return local_share(torch.randn(count * processes.world_size, *z_shape, device=device), processes)
 
     def make_discriminator(sigmoid: bool = True) -> nn.Module:
-        return build_discriminator(shape, m.ndf, m.hidden, sigmoid).to(device)
+        netD = build_discriminator(shape, m.ndf, m.hidden, sigmoid).to(device, memory_format=layout)
+        return wrap(netD, processes, device, bf16)
 
     name = config.targets.name
     if name == "standard":
         options = from_dict(StandardOptions, config.targets.options, "targets.options")
-        strategy = StandardGAN(options, netG, make_discriminator(sigmoid=True), sample_latents)
+        strategy = StandardGAN(options, trained_G, make_discriminator(sigmoid=True), sample_latents)
     else:
         source_cls = registry.load("targets", name)
         options = from_dict(source_cls.Options, config.targets.options, "targets.options")
         context = TrainingContext(
-            generator=netG,
+            generator=trained_G,
             sample_latents=sample_latents,
             dataset=data.dataset,
             image_shape=shape,
             device=device,
+            rank=processes.rank,
+            world_size=processes.world_size,
             total_steps=total_steps,
+            latent_shape=z_shape,
+            seed=t.seed,
             make_discriminator=make_discriminator,
         )
         source = source_cls(options, context)
         if "ssim" in config.regression.loss and len(shape) != 3:
             raise ConfigError("regression.loss.ssim: SSIM needs images; toy2d data are points")
-        strategy = Decomposed(source, RegressionEngine(netG, config.regression, total_steps))
+        strategy = Decomposed(source, RegressionEngine(trained_G, config.regression, total_steps, processes.world_size))
     config.targets.options = to_dict(options)  # the resolved config shows every option
 
     # Fixed noise for sample grids, from its own generator so that it draws
     # nothing from the training RNG.
     fixed_noise = torch.randn(64 if len(shape) == 3 else 1024, *z_shape, generator=torch.Generator().manual_seed(t.seed + 1))
-    return Run(config, data, device, netG, strategy, fixed_noise.to(device), steps_per_epoch, total_steps)
+    return Run(config, data, device, netG, strategy, fixed_noise.to(device), steps_per_epoch, total_steps,
+               processes=processes)
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -242,69 +273,85 @@ def write_samples(run: Run, path: Path) -> None:
     save_samples(samples, path, data, title=path.stem)
 
 
-def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> Run:
-    """Train ``config`` into ``run_dir`` (from its checkpoint when ``resume``)."""
-    run = build_run(config)
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          processes: Processes = Processes()) -> Run:
+    """Train ``config`` into ``run_dir`` (from its checkpoint when ``resume``).
+
+    Distributed, every process trains on its share of each global batch and
+    resumes from the same checkpoint; rank 0 alone writes anything.
+    """
+    run = build_run(config, processes)
     t = config.train
-    if config.evaluation.every:
+    main = processes.is_main
+    if config.evaluation.every and main:
         _check_evaluation(config)
     metrics_path = run_dir / "metrics.jsonl"
     pos = Position()
     order = epoch_order(len(run.data.dataset), t.seed, 0)
     if resume and (run_dir / CHECKPOINT).exists():
         pos, order = _restore(run, run_dir)
-        _truncate_metrics(metrics_path, pos.step)
-    else:
+        if main:
+            _truncate_metrics(metrics_path, pos.step)
+    elif main:
         metrics_path.unlink(missing_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    if main:
+        dump_config(config, run_dir / "config.yaml")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-        disable=not progress,
+        disable=not (progress and main),
     )
     task = bar.add_task(config.train.name, total=run.total_steps, completed=pos.step, losses="")
     images_seen, busy = 0, 0.0
-    with bar, (run_dir / "metrics.jsonl").open("a") as metrics:
+    with bar, (metrics_path.open("a") if main else contextlib.nullcontext()) as metrics:
         while pos.step < run.total_steps:
             started = time.perf_counter()  # an epoch's set-up (IMLE's re-match) counts as training time
             if pos.batch == 0:
                 order = epoch_order(len(run.data.dataset), t.seed, pos.epoch)
                 run.strategy.on_epoch_start(pos.epoch)
-            for batch in iterate_batches(run.data.dataset, order, t.batch_size, pos.batch, t.drop_last, config.data.num_workers):
+            batches = iterate_batches(run.data.dataset, order, t.batch_size, pos.batch, t.drop_last,
+                                      config.data.num_workers, share=lambda b: local_share(b, processes))
+            for batch in batches:
                 log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
                 stats = run.strategy.step(batch, pos.step, log)
                 _check_finite(stats, pos.step, run_dir)
                 pos.step += 1
                 pos.batch += 1
                 elapsed = time.perf_counter() - started
-                images_seen += len(batch.images)
+                images = len(batch.images) * processes.world_size  # the global batch
+                images_seen += images
                 busy += elapsed
-                pos.images += len(batch.images)
+                pos.images += images
                 pos.seconds += elapsed
                 if pos.batch == run.steps_per_epoch:  # normalise: a finished epoch is the next one's start
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 if log:
+                    stats = average(stats, processes)  # every process takes part, rank 0 writes
+                if log and main:
                     record = {"step": pos.step, "epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds,
                               "images_per_s": images_seen / max(busy, 1e-9), **stats}
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    images_seen, busy = 0, 0.0
                     shown = ("d_loss", "g_loss", "regression_loss", "target_reach")
                     bar.update(task, losses=" ".join(f"{k}={stats[k]:.3g}" for k in shown if k in stats))
+                if log:
+                    images_seen, busy = 0, 0.0
                 bar.update(task, completed=pos.step)
-                if config.evaluation.every and (pos.step % config.evaluation.every == 0 or pos.step == run.total_steps):
-                    _log_evaluation(run, pos, metrics)
-                if pos.step % t.sample_every == 0:
-                    write_samples(run, run_dir / "samples" / f"step_{pos.step:06d}.png")
-                if pos.step % t.checkpoint_every == 0 or pos.step == run.total_steps:
-                    _save_checkpoint(run, run_dir, pos, order)
+                if main:
+                    if config.evaluation.every and (pos.step % config.evaluation.every == 0 or pos.step == run.total_steps):
+                        _log_evaluation(run, pos, metrics)
+                    if pos.step % t.sample_every == 0:
+                        write_samples(run, run_dir / "samples" / f"step_{pos.step:06d}.png")
+                    if pos.step % t.checkpoint_every == 0 or pos.step == run.total_steps:
+                        _save_checkpoint(run, run_dir, pos, order)
                 if pos.step >= run.total_steps or pos.batch == 0:
                     break
                 started = time.perf_counter()
-    write_samples(run, run_dir / "samples" / "final.png")
+    if main:
+        write_samples(run, run_dir / "samples" / "final.png")
     return run
 
 

@@ -1,0 +1,135 @@
+"""Two CPU processes on torch.distributed (gloo) train what one process trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from targetgen.config import Config, from_dict, load_config, to_dict
+from targetgen.data import TensorImages
+from targetgen.distributed import Processes
+from targetgen.errors import ConfigError
+from targetgen.plugins.imle import IMLE, IMLEOptions
+from targetgen.training import build_run, train
+from targetgen.training.checkpoint import load_checkpoint
+from targetgen.training.trainer import config_of_run
+from targetgen import TrainingContext
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+# toy2d (MLPs, no BatchNorm: per-process batch statistics would differ from one process's)
+TOY = ["train.batch_size=64", "train.drop_last=true", "train.log_every=1", "train.sample_every=1000",
+       "train.checkpoint_every=1000", "data.num_points=512"]
+
+
+def _join(rank: int, world_size: int, init_file: str) -> Processes:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    return Processes(rank, world_size, 0)
+
+
+def _train_worker(rank, world_size, init_file, raw, run_dirs, resume):
+    processes = _join(rank, world_size, init_file)
+    try:
+        run_dir = Path(run_dirs[rank])
+        config = config_of_run(run_dir, [f"train.steps={raw['train']['steps']}"]) if resume else from_dict(Config, raw)
+        train(config, run_dir, resume=resume, progress=False, processes=processes)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_distributed(raw: dict, run_dirs: list[Path], tmp_path: Path, resume: bool = False) -> None:
+    init_file = tmp_path / f"init-{len(list(tmp_path.glob('init-*')))}"
+    for d in run_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_train_worker, args=(2, str(init_file), raw, [str(d) for d in run_dirs], resume), nprocs=2)
+
+
+def generator_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["generator"]
+
+
+def assert_same_generator(a: Path, b: Path) -> None:
+    sa, sb = generator_state(a), generator_state(b)
+    for key in sa:
+        assert torch.allclose(sa[key], sb[key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize("targets, options", [
+    ("standard", []),
+    ("inversion", ["targets.options.lambda1=0.5", "regression.lr=0.0004"]),
+    ("inversion", ["targets.options.steps=2", "regression.reduction=mean", "regression.steps=2", "regression.lr=0.01"]),
+])
+def test_two_processes_train_the_same_generator_as_one(tmp_path, targets, options):
+    single = load_config(CONFIGS / "toy2d.yaml", [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=one", *options], targets)
+    (tmp_path / "one").mkdir()
+    train(single, tmp_path / "one", progress=False)
+    raw = to_dict(load_config(CONFIGS / "toy2d.yaml", [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=two", *options], targets))
+    train_distributed(raw, [tmp_path / "two", tmp_path / "rank1"], tmp_path)
+
+    assert_same_generator(tmp_path / "one", tmp_path / "two")
+    # ... and training moved it: the comparison is not between two untouched networks
+    initial = build_run(single).generator.state_dict()
+    trained = generator_state(tmp_path / "two")
+    assert max((trained[k] - initial[k]).abs().max().item() for k in initial) > 1e-3
+    # rank 0 alone writes: the second process's directory stays empty
+    assert list((tmp_path / "rank1").iterdir()) == []
+    logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == 6 and '"images_seen": 384' in logged[-1]  # global batches: 6 × 64
+
+
+def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
+    options = [*TOY, f"train.out_dir={tmp_path}", "targets.options.lambda1=0.5", "regression.lr=0.0004"]
+    single = load_config(CONFIGS / "toy2d.yaml", [*options, "train.steps=8", "train.name=one"], "inversion")
+    (tmp_path / "one").mkdir()
+    train(single, tmp_path / "one", progress=False)
+
+    raw = to_dict(load_config(CONFIGS / "toy2d.yaml", [*options, "train.steps=4", "train.name=two"], "inversion"))
+    dirs = [tmp_path / "two", tmp_path / "two"]  # as under torchrun: one run directory for every process
+    train_distributed(raw, dirs, tmp_path)
+    assert load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["step"] == 4
+    raw["train"]["steps"] = 8
+    train_distributed(raw, dirs, tmp_path, resume=True)
+    assert load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["step"] == 8
+    assert_same_generator(tmp_path / "one", tmp_path / "two")
+
+
+def _imle_worker(rank, world_size, init_file, data, out_file):
+    processes = _join(rank, world_size, init_file)
+    try:
+        context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
+                                  image_shape=(2,), device=torch.device("cpu"), rank=processes.rank,
+                                  world_size=processes.world_size, latent_shape=(2,), seed=3)
+        imle = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, jitter=0.0), context)
+        imle.on_epoch_start(0)
+        torch.save({"matched_z": imle.matched_z, "distance": imle.match_distance}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_imle_matches_exactly_like_one_process(tmp_path):
+    data = torch.randn(9, 2, generator=torch.Generator().manual_seed(0))
+    context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
+                              image_shape=(2,), device=torch.device("cpu"), latent_shape=(2,), seed=3)
+    single = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, jitter=0.0), context)
+    single.on_epoch_start(0)
+    # the pool (45 latents in 12 batches) is split round-robin: each process generates 6 batches
+    pool = torch.cat(list(single.pool_latents(0)))
+    assert torch.equal(single.matched_z, pool[torch.cdist(data, pool).argmin(dim=1)])
+
+    out = tmp_path / "matched"
+    mp.spawn(_imle_worker, args=(2, str(tmp_path / "init"), data, str(out)), nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        assert torch.equal(result["matched_z"], single.matched_z)
+        assert result["distance"] == single.match_distance
+
+
+def test_distributed_batches_must_split_evenly(tmp_path):
+    for overrides, message in ((["train.batch_size=63"], "does not split evenly over 2 processes"),
+                               (["train.drop_last=false"], "train.drop_last: distributed runs need")):
+        config = load_config(CONFIGS / "toy2d.yaml", [*TOY, *overrides])
+        with pytest.raises(ConfigError, match=message):
+            build_run(config, Processes(0, 2, 0))
