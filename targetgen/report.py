@@ -22,6 +22,8 @@ from .errors import RunDirectoryError
 LOWER_IS_BETTER = ("fid", "kl_to_uniform")
 ORDER = ("fid", "fid_digits", "fid_pixels", "fid_inception", "precision", "recall", "density", "coverage",
          "modes_covered", "high_quality_share", "mode_kl_to_uniform", "classes_covered", "class_kl_to_uniform")
+# What the overview table and the curves show first, after the FID.
+PREFERRED = ("modes_covered", "high_quality_share", "classes_covered", "precision", "recall", "density", "coverage")
 # Bookkeeping keys, not results.
 NOT_REPORTED = ("n", "modes_total")
 
@@ -131,6 +133,32 @@ def headline(groups: list[Group], metric: str) -> str | None:
     return "; ".join(parts)
 
 
+def summary_table(groups: list[Group], metrics: list[str]) -> list[str]:
+    """One row per configuration, one column per metric (mean ± SE; best in bold), and the training time."""
+    best = {}
+    for metric in metrics:
+        means = [mean_se([s["metrics"][metric] for s in g.summaries])[0] for g in groups
+                 if g.summaries and all(metric in s["metrics"] for s in g.summaries)]
+        if means:
+            best[metric] = min(means) if lower_is_better(metric) else max(means)
+    lines = ["| configuration | " + " | ".join(metrics) + " | training s | n |", "|---" * (len(metrics) + 3) + "|"]
+    for g in groups:
+        if not g.summaries:
+            continue
+        cells = []
+        for metric in metrics:
+            values = [s["metrics"][metric] for s in g.summaries if metric in s["metrics"]]
+            if not values:
+                cells.append("—")
+                continue
+            mean, se = mean_se(values)
+            cell = _cell(mean, se)
+            cells.append(f"**{cell}**" if mean == best.get(metric) else cell)
+        seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])[0]
+        lines.append(f"| {g.label} | " + " | ".join(cells) + f" | {seconds:.0f} | {len(g.summaries)} |")
+    return lines
+
+
 def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
     command = (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else "(unknown)"
     runs = sum(len(g.summaries) for g in groups)
@@ -153,6 +181,8 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
                   "blob over the whole mixture scores near 0. Modes covered and the high-quality share are the "
                   "measures of mode collapse and sample quality here."]
     lines.append("")
+    overview = ([m for m in metrics if m.startswith("fid")][:1] + [m for m in PREFERRED if m in metrics])[:6]
+    lines += summary_table(groups, overview) + [""]
     for metric in metrics:
         direction = "lower is better" if lower_is_better(metric) else "higher is better"
         lines += [f"## {metric} ({direction})", "", "| configuration | " + metric + " | n |", "|---|---|---|"]
@@ -200,8 +230,7 @@ def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    preferred = ("modes_covered", "high_quality_share", "classes_covered", "precision", "recall")
-    shown = ([m for m in metrics if m.startswith("fid")][:1] + [m for m in preferred if m in metrics])[:4]
+    shown = ([m for m in metrics if m.startswith("fid")][:1] + [m for m in PREFERRED if m in metrics])[:4]
     fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.2 * len(shown)), squeeze=False)
     colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     for i, group in enumerate(g for g in groups if g.summaries):
