@@ -279,14 +279,14 @@ def write_samples(groups: list[Group], out: Path, path: Path) -> None:
         return
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 4.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (group, image) in zip(axes.flat, shown):
         ax.imshow(plt.imread(image))
         ax.set_title(f"{group.label}\nseed {group.summaries[0]['seed']}", fontsize="small")
     fig.suptitle(f"{out.name}: final samples per configuration")
-    fig.tight_layout()
+    fig.tight_layout(h_pad=3.0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
