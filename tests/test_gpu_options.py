@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from targetgen.config import load_config
 from targetgen.distributed import Autocast
 from targetgen.errors import ConfigError
 from targetgen.training import build_run, new_run_dir, train

@@ -22,7 +22,7 @@ from .. import registry
 from ..api import TargetGenerator, TrainingContext
 from ..config import Config, dump_config, from_dict, to_dict, read_yaml
 from ..data import TrainingData, batches_per_epoch, epoch_order, iterate_batches, load_data
-from ..distributed import Processes, average, check_batch, local_share, unwrap, wrap
+from ..distributed import Processes, average, check_batch, local_share, on_main, wrap
 from ..errors import ConfigError, DivergenceError, RunDirectoryError
 from ..models import build_discriminator, build_generator, latent_shape
 from ..regression import RegressionEngine
@@ -280,11 +280,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     Distributed, every process trains on its share of each global batch and
     resumes from the same checkpoint; rank 0 alone writes anything.
     """
+    if config.evaluation.every:  # rank 0 evaluates; its verdict reaches every process before any step
+        on_main(processes, lambda: _check_evaluation(config))
     run = build_run(config, processes)
     t = config.train
     main = processes.is_main
-    if config.evaluation.every and main:
-        _check_evaluation(config)
     metrics_path = run_dir / "metrics.jsonl"
     pos = Position()
     order = epoch_order(len(run.data.dataset), t.seed, 0)
