@@ -47,7 +47,11 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of the same name.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Train a generator; writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory."""
+    """Train a generator; writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
+
+    Launched by torchrun (torchrun --nproc_per_node=N -m targetgen.cli train ...), it trains
+    on N processes with DistributedDataParallel; see docs/scaling.md.
+    """
     from targetgen.config import load_config
     from targetgen.training import config_of_run, new_run_dir
     from targetgen.training import train as run_training
