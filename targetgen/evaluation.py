@@ -120,7 +120,8 @@ def real_features(data: TrainingData, config: DataConfig, extractor, evaluation:
     features = extractor(real_subset(data, evaluation.n, evaluation.seed)).float()
     stats = feature_statistics(features)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")  # written whole, then renamed
+    # written whole, then renamed; per process, as parallel runs (compare --jobs) may fill the same cache
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
     np.savez(partial, key=json.dumps(key), features=features.numpy(), mu=stats.mu, sigma=stats.sigma)
     partial.replace(path)
     return RealFeatures(features, stats)
