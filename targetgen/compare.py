@@ -106,9 +106,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_")
 
 
+def _options_class(source: str) -> type:
+    return StandardOptions if source == "standard" else registry.load("targets", source).Options
+
+
 def _options_fields(source: str) -> set[str]:
-    options = StandardOptions if source == "standard" else registry.load("targets", source).Options
-    return {f.name for f in dataclasses.fields(options)}
+    return {f.name for f in dataclasses.fields(_options_class(source))}
 
 
 def _applies(key: str, source: str) -> bool:
@@ -179,9 +182,7 @@ def _resolved(raw: dict[str, Any], where: str) -> tuple[Config, Any]:
     """The typed config and target options of ``raw``; errors name the configuration."""
     try:
         config = from_dict(Config, raw)
-        source = config.targets.name
-        options_cls = StandardOptions if source == "standard" else registry.load("targets", source).Options
-        return config, from_dict(options_cls, config.targets.options, "targets.options")
+        return config, from_dict(_options_class(config.targets.name), config.targets.options, "targets.options")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 

@@ -108,52 +108,72 @@ def _cell(mean: float, se: float, digits: int = 4) -> str:
     return f"{mean:.{digits}g} ± {se:.2g}"
 
 
+@dataclass
+class Stat:
+    mean: float
+    se: float
+    n: int
+
+
+def overview_metrics(metrics: list[str]) -> list[str]:
+    """The FID first, then PREFERRED, for the overview table and the curves."""
+    return [m for m in metrics if m.startswith("fid")][:1] + [m for m in PREFERRED if m in metrics]
+
+
+def metric_stats(groups: list[Group], metric: str) -> dict[str, Stat]:
+    """Mean, standard error and number of seeds per configuration (those that report ``metric``)."""
+    stats = {}
+    for g in groups:
+        values = [s["metrics"][metric] for s in g.summaries if metric in s["metrics"]]
+        if values:
+            stats[g.label] = Stat(*mean_se(values), len(values))
+    return stats
+
+
+def best_mean(stats: dict[str, Stat], metric: str) -> float:
+    means = [st.mean for st in stats.values()]
+    return min(means) if lower_is_better(metric) else max(means)
+
+
 def headline(groups: list[Group], metric: str) -> str | None:
     """One sentence: the best configuration against standard and against the lr control."""
-    stats = {g.label: mean_se([s["metrics"][metric] for s in g.summaries]) for g in groups
-             if g.summaries and all(metric in s["metrics"] for s in g.summaries)}
+    stats = metric_stats(groups, metric)
     if not stats:
         return None
-    sign = 1 if lower_is_better(metric) else -1
-    best = min(stats, key=lambda label: sign * stats[label][0])
-    parts = [f"best {metric}: **{best}** {_cell(*stats[best])}"]
+    top = best_mean(stats, metric)
+    best = next(label for label, st in stats.items() if st.mean == top)
+    b = stats[best]
+    parts = [f"best {metric}: **{best}** {_cell(b.mean, b.se)}"]
     for group in groups:
         if group.label in stats and group.label != best and (group.label == "standard" or group.control):
-            mean, se = stats[group.label]
-            apart = not (math.isnan(se) or math.isnan(stats[best][1])) and abs(mean - stats[best][0]) > se + stats[best][1]
-            if mean == stats[best][0]:
+            other = stats[group.label]
+            if other.mean == b.mean:
                 parts.append(f"tied with {group.label}")
                 continue
+            apart = not (math.isnan(other.se) or math.isnan(b.se)) and abs(other.mean - b.mean) > other.se + b.se
             if lower_is_better(metric):  # FID-like: the relative reduction
-                better = f"{100 * (mean - stats[best][0]) / abs(mean):.1f}% lower" if mean else "lower"
+                better = f"{100 * (other.mean - b.mean) / abs(other.mean):.1f}% lower" if other.mean else "lower"
             else:
-                better = f"{stats[best][0] - mean:+.3g}"
-            parts.append(f"vs {group.label} {_cell(mean, se)}: {better}, "
+                better = f"{b.mean - other.mean:+.3g}"
+            parts.append(f"vs {group.label} {_cell(other.mean, other.se)}: {better}, "
                          f"standard errors {'do not overlap' if apart else 'overlap'}")
     return "; ".join(parts)
 
 
+def _best_cell(st: Stat, top: float) -> str:
+    cell = _cell(st.mean, st.se)
+    return f"**{cell}**" if st.mean == top else cell  # ties: all bold
+
+
 def summary_table(groups: list[Group], metrics: list[str]) -> list[str]:
     """One row per configuration, one column per metric (mean ± SE; best in bold), and the training time."""
-    best = {}
-    for metric in metrics:
-        means = [mean_se([s["metrics"][metric] for s in g.summaries])[0] for g in groups
-                 if g.summaries and all(metric in s["metrics"] for s in g.summaries)]
-        if means:
-            best[metric] = min(means) if lower_is_better(metric) else max(means)
+    stats = {metric: metric_stats(groups, metric) for metric in metrics}
+    tops = {metric: best_mean(st, metric) for metric, st in stats.items() if st}
     lines = ["| configuration | " + " | ".join(metrics) + " | training s | n |", "|---" * (len(metrics) + 3) + "|"]
     for g in groups:
         if not g.summaries:
             continue
-        cells = []
-        for metric in metrics:
-            values = [s["metrics"][metric] for s in g.summaries if metric in s["metrics"]]
-            if not values:
-                cells.append("—")
-                continue
-            mean, se = mean_se(values)
-            cell = _cell(mean, se)
-            cells.append(f"**{cell}**" if mean == best.get(metric) else cell)
+        cells = [_best_cell(stats[m][g.label], tops[m]) if g.label in stats[m] else "—" for m in metrics]
         seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])[0]
         lines.append(f"| {g.label} | " + " | ".join(cells) + f" | {seconds:.0f} | {len(g.summaries)} |")
     return lines
@@ -181,23 +201,16 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
                   "blob over the whole mixture scores near 0. Modes covered and the high-quality share are the "
                   "measures of mode collapse and sample quality here."]
     lines.append("")
-    overview = ([m for m in metrics if m.startswith("fid")][:1] + [m for m in PREFERRED if m in metrics])[:6]
-    lines += summary_table(groups, overview) + [""]
+    lines += summary_table(groups, overview_metrics(metrics)[:6]) + [""]
     for metric in metrics:
         direction = "lower is better" if lower_is_better(metric) else "higher is better"
-        lines += [f"## {metric} ({direction})", "", "| configuration | " + metric + " | n |", "|---|---|---|"]
-        stats = {}
-        for g in groups:
-            values = [s["metrics"][metric] for s in g.summaries if metric in s["metrics"]]
-            if values:
-                stats[g.label] = (mean_se(values), len(values))
+        stats = metric_stats(groups, metric)
         if not stats:
             continue
-        sign = 1 if lower_is_better(metric) else -1
-        best = min(sign * mean for (mean, _), _ in stats.values())
-        for label, ((mean, se), n) in stats.items():
-            cell = _cell(mean, se)
-            lines.append(f"| {label} | {'**' + cell + '**' if sign * mean == best else cell} | {n} |")  # ties: all bold
+        lines += [f"## {metric} ({direction})", "", "| configuration | " + metric + " | n |", "|---|---|---|"]
+        top = best_mean(stats, metric)
+        for label, st in stats.items():
+            lines.append(f"| {label} | {_best_cell(st, top)} | {st.n} |")
         lines.append("")
     lines += ["## Budget", "", "Equal steps and batch size for every run; training seconds exclude evaluation "
               "and checkpointing.", "", "| configuration | steps | images seen | training s |", "|---|---|---|---|"]
@@ -230,7 +243,7 @@ def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ([m for m in metrics if m.startswith("fid")][:1] + [m for m in PREFERRED if m in metrics])[:4]
+    shown = overview_metrics(metrics)[:4]
     fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.2 * len(shown)), squeeze=False)
     colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     for i, group in enumerate(g for g in groups if g.summaries):
