@@ -68,20 +68,27 @@ def kernel_vector_product(generator: nn.Module, z: Tensor, v: Tensor) -> Tensor:
     return j_jt_v.reshape(v.shape)
 
 
+def _request(generator: nn.Module, z: Tensor, targets: Tensor) -> Tensor:
+    """r = x' − G(z): the move the target source asks for."""
+    with torch.no_grad():
+        return targets - generator(z)
+
+
+def _reach(request: Tensor, move: Tensor) -> float:
+    """``target_reach`` for a move: 1 − ‖r − Δx‖² / ‖r‖²."""
+    return (1.0 - (request - move).pow(2).sum() / request.pow(2).sum()).item()
+
+
 def predicted_move(generator: nn.Module, z: Tensor, targets: Tensor, step: float) -> Tensor:
     """First-order change of G(z) after one SGD step of size ``step`` on the summed ½‖G(z) − x'‖²."""
-    with torch.no_grad():
-        request = targets - generator(z)
-    return step * kernel_vector_product(generator, z, request)
+    return step * kernel_vector_product(generator, z, _request(generator, z, targets))
 
 
 def predicted_reach(generator: nn.Module, z: Tensor, targets: Tensor, step: float) -> float:
     """The ``target_reach`` the training log would show for that step, predicted from K_θ:
     1 − ‖r − ηK r‖² / ‖r‖², with r = x' − G(z)."""
-    with torch.no_grad():
-        request = targets - generator(z)
-    move = step * kernel_vector_product(generator, z, request)
-    return (1.0 - (request - move).pow(2).sum() / request.pow(2).sum()).item()
+    request = _request(generator, z, targets)
+    return _reach(request, step * kernel_vector_product(generator, z, request))
 
 
 def rayleigh_quotient(generator: nn.Module, z: Tensor, v: Tensor) -> float:
@@ -111,8 +118,7 @@ def probe_run(run, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
     targets = source.propose(batch, run.step)
     generator, z = run.generator, targets.z.detach()
-    with torch.no_grad():
-        request = targets.x.detach() - generator(z)
+    request = _request(generator, z, targets.x.detach())
     k_request = kernel_vector_product(generator, z, request)
     r_k_r = (request * k_request).sum().item()
     probes = [torch.randn(request.shape, generator=g).to(request) for _ in range(4)]
@@ -126,6 +132,6 @@ def probe_run(run, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
         "best_sgd_reach": r_k_r**2 / (request.pow(2).sum() * k_request.pow(2).sum()).item(),
         "best_sgd_lr": r_k_r / k_request.pow(2).sum().item(),
         "lr": lr,
-        "sgd_reach_at_lr": predicted_reach(generator, z, targets.x.detach(), lr),
+        "sgd_reach_at_lr": _reach(request, lr * k_request),
         "request_norm_per_sample": request.flatten(1).norm(dim=1).mean().item(),
     }

@@ -126,7 +126,7 @@ def train_toy(
     )
     inversion = registry.load("targets", "inversion")
     source = inversion(inversion.Options(lambda1=lambda1, d_lr=d_lr), context)
-    engine = RegressionEngine(generator, RegressionConfig(lr=lr, optimizer="sgd"), steps)
+    engine = RegressionEngine(generator, RegressionConfig(lr=lr, optimizer="sgd"), steps) if regression == "gradient" else None
 
     result = ToyResult(dim, regression, data_mean=mu.tolist(), data_covariance=sigma.tolist())
 
