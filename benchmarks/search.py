@@ -70,7 +70,7 @@ def rss_probe(n: int, space: str, budget_gib: float) -> dict:
     torch.manual_seed(0)
     data = torch.empty(n, 3, 64, 64).uniform_(-1, 1)  # in place: no temporary copy inflating the peak
     generator = nn.Sequential(nn.Linear(100, 3 * 64 * 64), nn.Tanh(), nn.Unflatten(1, (3, 64, 64)))
-    context = TrainingContext(generator=generator, sample_latents=lambda m: torch.randn(m, 100),
+    context = TrainingContext(generator=generator, sample_latents=lambda m: torch.randn(m, 100), latent_shape=(100,),
                               dataset=TensorImages(data), image_shape=(3, 64, 64), device=torch.device("cpu"))
     imle = IMLE(IMLEOptions(samples_factor=10, space=space, memory_budget=budget_gib), context)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

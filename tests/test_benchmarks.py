@@ -1,0 +1,18 @@
+"""The benchmark scripts run against the library's current API (they are not
+otherwise exercised by the suite, and one had stopped working unnoticed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SEARCH = Path(__file__).parents[1] / "benchmarks" / "search.py"
+
+
+def test_search_memory_probe_runs_one_imle_matching():
+    command = [sys.executable, str(SEARCH), "--rss-probe", "40", "--space", "downsample", "--budget", "0.05"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["n"] == 40 and probe["data_mib"] == 40 * 3 * 64 * 64 * 4 / 2**20
+    assert probe["peak_mib"] >= probe["before_mib"] > 0
