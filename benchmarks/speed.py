@@ -110,7 +110,7 @@ def main() -> None:
         median = {name: statistics.median(r) for name, r in rates.items()}
         base = median["standard (targetgen)"]
         print(f"\n{shape}, batch 128, {torch.get_num_threads()} threads, median of {reps}")
-        print(f"| contender | images/s | ÷ standard |\n|---|---|---|")
+        print("| contender | images/s | ÷ standard |\n|---|---|---|")
         for name, rate in median.items():
             print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
         print(f"framework overhead: standard (targetgen) ÷ tutorial loop = {base / median['tutorial loop']:.2f} (goal >= 1.0)")

@@ -207,7 +207,7 @@ def _configurations(base: dict[str, Any], compare: CompareConfig, sources: list[
             settings = {k: v for _, point in combination for k, v in point.items()}
             label = " ".join([source, *(text for text, _ in combination)])
             found.setdefault(label, Configuration(label, source, settings))
-    for a, axis in enumerate(axes):
+    for a in range(len(axes)):
         if not any(used[a]):
             raise ConfigError(
                 f"compare.grid: axis {list(compare.grid)[a]!r} applies to none of the sources {', '.join(sources)} "

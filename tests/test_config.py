@@ -78,7 +78,7 @@ def test_resolved_config_round_trips_to_the_same_run(tiny_config, tmp_path):
     assert saved.targets.options["d_loss"] == "bce"  # every option resolved and written
     saved.train.name = "again"
     second = train(saved, new_run_dir(saved, False), progress=False)
-    for p, q in zip(first.generator.parameters(), second.generator.parameters()):
+    for p, q in zip(first.generator.parameters(), second.generator.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -112,7 +112,7 @@ def test_sampling_copy_of_other_generators_is_a_plain_copy():
     g = MLPGenerator(4, 8, 2)
     sampler = sampling_copy(g)
     assert type(sampler) is MLPGenerator and sampler is not g
-    assert all(torch.equal(a, b) for a, b in zip(sampler.parameters(), g.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(sampler.parameters(), g.parameters(), strict=True))
 
 
 def test_sampling_copy_keeps_the_library_layers_off_the_cpu():

@@ -50,5 +50,5 @@ def test_one_trainer_step_equals_the_tutorial_step(tiny_config):
 
     assert stats["d_loss"] == errD.item() and stats["g_loss"] == errG.item()
     for mine, theirs in ((run.generator, netG), (run.strategy.netD, netD)):
-        for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values()):
+        for (name, p), q in zip(mine.state_dict().items(), theirs.state_dict().values(), strict=True):
             assert torch.equal(p, q), name
