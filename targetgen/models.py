@@ -145,7 +145,8 @@ class LatentProjection(nn.Module):
 
     def __init__(self, conv: nn.ConvTranspose2d):
         super().__init__()
-        if conv.stride != (1, 1) or conv.padding != (0, 0) or conv.bias is not None or conv.groups != 1:
+        shape = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if shape != ((1, 1), (0, 0), (1, 1), 1) or conv.bias is not None:
             raise ValueError(f"LatentProjection: expected a stride-1, unpadded, bias-free projection, got {conv}")
         nz, channels, kh, kw = conv.weight.shape
         self.out_shape = (kh, kw, channels)

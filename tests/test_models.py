@@ -85,6 +85,8 @@ def test_latent_projection_is_the_first_layer():
 def test_layers_other_than_theirs_are_refused():
     with pytest.raises(ValueError, match="stride-1, unpadded"):
         LatentProjection(nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=False))
+    with pytest.raises(ValueError, match="stride-1, unpadded"):
+        LatentProjection(nn.ConvTranspose2d(4, 4, 4, 1, 0, dilation=2, bias=False))
     with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1, no bias"):
         UpsamplingByMatmul(nn.ConvTranspose2d(4, 4, 3, 2, 1, bias=False))
     with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1, no bias"):
