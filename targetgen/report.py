@@ -299,7 +299,7 @@ def write_samples(groups: list[Group], out: Path, path: Path) -> None:
         ax.imshow(plt.imread(image))
         ax.set_title(f"{group.label}\nseed {group.summaries[0]['seed']}", fontsize="small")
     fig.suptitle(f"{out.name}: final samples per configuration")
-    fig.tight_layout(h_pad=3.0)
+    fig.tight_layout(h_pad=3.0, rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

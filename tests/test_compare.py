@@ -120,11 +120,19 @@ def test_paper_presets_plan_the_papers_experiments(tmp_path, name, runs):
             assert math.isclose(config.regression.lr, 0.0002 / config.regression.steps)
 
 
-@pytest.mark.parametrize("name", ["digits_fig2b", "toy2d_compare"])
+@pytest.mark.parametrize("name", ["digits_fig2b", "toy2d_compare", "ring8_compare"])
 def test_reduced_presets_plan(tmp_path, name):
     plan = plan_comparison(CONFIGS / f"{name}.yaml", tmp_path)
     assert plan.compare.seeds == 5
     assert {c.source for c in plan.configurations} >= {"standard", "inversion", "imle", "nearest"}
+
+
+def test_ring8_preset_gives_standard_and_inversion_the_same_learning_rates(tmp_path):
+    plan = plan_comparison(CONFIGS / "ring8_compare.yaml", tmp_path)
+    assert len(plan.runs) == 20 and not any(c.control for c in plan.configurations)
+    first = {run.configuration.source: run.config for run in plan.runs if run.seed == 0}
+    assert first["standard"]["targets"]["options"] == {"g_lr": 0.001, "d_lr": 0.001}
+    assert first["inversion"]["targets"]["options"]["d_lr"] == 0.001 and first["inversion"]["regression"]["lr"] == 0.001
 
 
 def test_mean_and_standard_error():
