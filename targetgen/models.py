@@ -202,8 +202,8 @@ def sampling_copy(generator: nn.Module) -> nn.Module:
     images channels-last (the layout oneDNN convolves fastest, 1.4× on
     digits), and the first and the image layer computed by matmul (above);
     the layers between stay with oneDNN, which runs them near matmul speed.
-    With IMLE's generation batch of 256, a digits re-match takes 2.6–2.9 s
-    instead of 3.6–4.6 s (``python benchmarks/search.py --only digits``, 2
+    With IMLE's generation and search batches, a digits re-match takes
+    2.3–3.0 s instead of 3.6–4.6 s (``python benchmarks/search.py --only digits``, 2
     cores). The copy computes the same function up to float rounding
     (tests/test_models.py).
     """

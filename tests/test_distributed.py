@@ -102,7 +102,7 @@ def _imle_worker(rank, world_size, init_file, data, out_file):
         context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
                                   image_shape=(2,), device=torch.device("cpu"), rank=processes.rank,
                                   world_size=processes.world_size, latent_shape=(2,), seed=3)
-        imle = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, jitter=0.0), context)
+        imle = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0), context)
         imle.on_epoch_start(0)
         torch.save({"matched_z": imle.matched_z, "distance": imle.match_distance}, f"{out_file}.{rank}")
     finally:
@@ -113,9 +113,9 @@ def test_distributed_imle_matches_exactly_like_one_process(tmp_path):
     data = torch.randn(9, 2, generator=torch.Generator().manual_seed(0))
     context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
                               image_shape=(2,), device=torch.device("cpu"), latent_shape=(2,), seed=3)
-    single = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, jitter=0.0), context)
+    single = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0), context)
     single.on_epoch_start(0)
-    # the pool (45 latents in 12 batches) is split round-robin: each process generates 6 batches
+    # the pool (45 latents in 6 search batches of up to 8) is split round-robin: each process generates 3
     pool = torch.cat(list(single.pool_latents(0)))
     assert torch.equal(single.matched_z, pool[torch.cdist(data, pool).argmin(dim=1)])
 

@@ -22,13 +22,26 @@ def points_context(data, sample_latents, generator=None, **distributed):
     )
 
 
+class PassSizes(nn.Identity):
+    """The identity generator, noting the size of every forward pass."""
+
+    sizes: list[int] = []  # on the class: IMLE generates with a copy
+
+    def forward(self, z):
+        self.sizes.append(len(z))
+        return z
+
+
 def test_imle_matches_every_data_point_with_its_true_nearest_sample():
     g = torch.Generator().manual_seed(0)
     data = torch.randn(7, 2, generator=g)
-    imle = IMLE(IMLEOptions(samples_factor=3, generation_batch=4, jitter=0.0), points_context(data, None))
+    options = IMLEOptions(samples_factor=3, generation_batch=4, search_batch=8, jitter=0.0)
+    imle = IMLE(options, points_context(data, None, generator=PassSizes()))
     pool = torch.cat(list(imle.pool_latents(0)))  # samples_factor 3; the generator is the identity
     assert pool.shape == (7 * 3, 2) and not torch.equal(pool, torch.cat(list(imle.pool_latents(1))))
+    assert [len(chunk) for chunk in imle.pool_latents(0)] == [8, 8, 5]  # searched 8 at a time
     imle.on_epoch_start(0)
+    assert PassSizes.sizes == [4, 4, 4, 4, 4, 1]  # generated 4 at a time within each search batch
     nearest = torch.cdist(data.double(), pool.double()).argmin(dim=1)
     assert torch.equal(imle.matched_z, pool[nearest])
     targets = imle.propose(Batch(data[[4, 1]], torch.tensor([4, 1])), step=0)
@@ -80,6 +93,8 @@ def test_nearest_bad_options_are_named(bad, message):
 def test_imle_bad_options_are_named():
     with pytest.raises(ConfigError, match="staleness: expected an integer >= 1, got 0"):
         IMLE(IMLEOptions(staleness=0), points_context(torch.randn(4, 2), None))
+    with pytest.raises(ConfigError, match="search_batch: expected an integer >= 1, got 0"):
+        IMLE(IMLEOptions(search_batch=0), points_context(torch.randn(4, 2), None))
     with pytest.raises(ConfigError, match="memory_budget: expected GiB > 0, got -1"):
         IMLE(IMLEOptions(memory_budget=-1), points_context(torch.randn(4, 2), None))
 
