@@ -36,6 +36,7 @@ def test_imle_matches_every_data_point_with_its_true_nearest_sample():
     g = torch.Generator().manual_seed(0)
     data = torch.randn(7, 2, generator=g)
     options = IMLEOptions(samples_factor=3, generation_batch=4, search_batch=8, jitter=0.0)
+    PassSizes.sizes.clear()  # the test may run more than once in a process
     imle = IMLE(options, points_context(data, None, generator=PassSizes()))
     pool = torch.cat(list(imle.pool_latents(0)))  # samples_factor 3; the generator is the identity
     assert pool.shape == (7 * 3, 2) and not torch.equal(pool, torch.cat(list(imle.pool_latents(1))))
