@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext
+from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded
 from targetgen.distributed import Processes, gather_nearest, unwrap
-from targetgen.errors import ConfigError
 from targetgen.models import sampling_copy
 from targetgen.search import RunningNearest
 from targetgen.spaces import SearchOptions, embed_dataset, search_space
@@ -31,15 +30,15 @@ from targetgen.spaces import SearchOptions, embed_dataset, search_space
 
 @dataclass
 class IMLEOptions(SearchOptions):
-    samples_factor: int = 10  # generated samples per data point at each matching
-    staleness: int = 5  # epochs between matchings
-    jitter: float = 0.01  # std of the noise added to matched latents at every step
+    samples_factor: int = bounded(10, ge=1)  # generated samples per data point at each matching
+    staleness: int = bounded(5, ge=1)  # epochs between matchings
+    jitter: float = bounded(0.01, ge=0)  # std of the noise added to matched latents at every step
     # Latents generated per forward pass while matching. At 512 on digits, glibc hands each batch's
     # freed tensors back to the kernel and faults them in again (~270k page faults, 0.5 s per re-match).
-    generation_batch: int = 256
+    generation_batch: int = bounded(256, ge=1)
     # Pool samples generated before each search. FAISS's matmul runs at full speed only from ~1,000
     # database rows (digits re-match: search 0.65 s in chunks of 256, 0.50 s in chunks of 1,024).
-    search_batch: int = 1024
+    search_batch: int = bounded(1024, ge=1)
 
 
 class IMLE(TargetGenerator):
@@ -50,11 +49,6 @@ class IMLE(TargetGenerator):
 
     def __init__(self, options: IMLEOptions, context: TrainingContext):
         super().__init__(options, context)
-        for key in ("samples_factor", "staleness", "generation_batch", "search_batch"):
-            if getattr(options, key) < 1:
-                raise ConfigError(f"targets.options.{key}: expected an integer >= 1, got {getattr(options, key)}")
-        if options.jitter < 0:
-            raise ConfigError(f"targets.options.jitter: expected >= 0, got {options.jitter}")
         if not context.latent_shape:
             raise ValueError("IMLE draws its own pool of latents: TrainingContext.latent_shape must be set")
         self.space = search_space(options, context.image_shape, context.device)

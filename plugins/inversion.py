@@ -12,14 +12,14 @@ generator step of size η.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext, registry
+from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded, registry
 from targetgen.distributed import unwrap
 from targetgen.errors import ConfigError
 from targetgen.models import forward_preserving_buffers
@@ -28,17 +28,17 @@ from targetgen.schedules import scheduled
 
 @dataclass
 class InversionOptions:
-    lambda1: float = 1.0  # λ1, the inversion step size (split over N1 steps)
-    steps: int = 1  # N1
+    lambda1: float = bounded(1.0, gt=0)  # λ1, the inversion step size (split over N1 steps)
+    steps: int = bounded(1, ge=1)  # N1
     discrepancy: Literal["bce", "l2", "hinge", "wasserstein"] = "bce"  # δ1 towards "real"
-    regularizers: dict[str, float] = field(default_factory=dict)  # e.g. {tv: 0.01}
+    regularizers: dict[str, float] = bounded(factory=dict, ge=0)  # e.g. {tv: 0.01}
     clamp: bool = False  # project x' onto [-1, 1] after every inversion step
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # λ1 over the run
-    final_fraction: float = 0.0  # linear / cosine: λ1 at the end, as a fraction of lambda1
+    final_fraction: float = bounded(0.0, ge=0, le=1)  # linear / cosine: λ1 at the end, as a fraction of lambda1
     d_loss: Literal["bce", "lsgan", "hinge", "wgan-gp"] = "bce"  # how the discriminator is trained
-    d_lr: float = 0.0002
-    d_betas: tuple[float, float] = (0.5, 0.999)
-    gp_weight: float = 10.0  # wgan-gp only
+    d_lr: float = bounded(0.0002, gt=0)
+    d_betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)
+    gp_weight: float = bounded(10.0, ge=0)  # wgan-gp only
 
 
 def _ones_like(output: Tensor) -> Tensor:
@@ -80,10 +80,6 @@ class DiscriminatorInversion(TargetGenerator):
 
     def __init__(self, options: InversionOptions, context: TrainingContext):
         super().__init__(options, context)
-        if options.lambda1 <= 0:
-            raise ConfigError(f"targets.options.lambda1: expected λ1 > 0, got {options.lambda1}")
-        if options.steps < 1:
-            raise ConfigError(f"targets.options.steps: expected N1 >= 1, got {options.steps}")
         if options.d_loss == "wgan-gp" and context.world_size > 1:
             raise ConfigError("targets.options.d_loss: wgan-gp's gradient penalty needs double backward, which "
                               "DistributedDataParallel does not support; use bce, lsgan or hinge distributed")

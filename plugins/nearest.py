@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext
+from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded
 from targetgen.errors import ConfigError
 from targetgen.search import NearestNeighbours
 from targetgen.spaces import SearchOptions, embed_dataset, search_space
@@ -25,8 +25,8 @@ from targetgen.spaces import SearchOptions, embed_dataset, search_space
 
 @dataclass
 class NearestOptions(SearchOptions):
-    alpha: float = 1.0  # share of the way to the neighbour (1 = the neighbour itself)
-    k: int = 1  # target the mean of the k nearest real images
+    alpha: float = bounded(1.0, gt=0, le=1)  # share of the way to the neighbour (1 = the neighbour itself)
+    k: int = bounded(1, ge=1)  # target the mean of the k nearest real images
 
 
 class NearestTargets(TargetGenerator):
@@ -35,8 +35,6 @@ class NearestTargets(TargetGenerator):
 
     def __init__(self, options: NearestOptions, context: TrainingContext):
         super().__init__(options, context)
-        if not 0 < options.alpha <= 1:
-            raise ConfigError(f"targets.options.alpha: expected 0 < α <= 1, got {options.alpha}")
         n = len(context.dataset)
         if not 1 <= options.k <= n:
             raise ConfigError(f"targets.options.k: expected 1 <= k <= {n} (the data set size), got {options.k}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,50 @@ import yaml
 from .errors import ConfigError
 
 
+# ----------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric setting must lie in; checked by ``from_dict`` for every value.
+
+    Applies to the number itself, to every element of a tuple of numbers and to
+    every value of a mapping of numbers (e.g. loss weights); ``None`` is never
+    checked (it means "unset").
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return not (
+            (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
+        )
+
+    def describe(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field whose value must lie in a range, e.g. ``lr: float = bounded(0.0002, gt=0)``.
+
+    The one place where a config range is declared: loading a config (or a
+    target source's options) checks it and names the key, the value and the
+    range. Third-party target sources use it in their ``Options`` too.
+    """
+    return field(default=default, default_factory=factory, metadata={"bounds": Bounds(ge, gt, le, lt)})
+
+
 @dataclass
 class DataConfig:
     name: Literal["digits", "folder", "celeba", "mnist", "fashion-mnist", "cifar10", "toy2d"] = "digits"
@@ -29,33 +74,33 @@ class DataConfig:
     path: str | None = None  # folder / celeba: the image folder; torchvision sets: their root
     download: bool = False  # torchvision sets only; off so that nothing downloads by surprise
     skip_bad_images: bool = False  # folder / celeba: drop unreadable files instead of failing
-    num_workers: int = 0  # DataLoader workers for datasets decoded from files
+    num_workers: int = bounded(0, ge=0)  # DataLoader workers for datasets decoded from files
     mixture: Literal["ring8", "grid25"] = "ring8"  # toy2d
-    num_points: int = 10000  # toy2d
-    std: float | None = None  # toy2d component std; None: ring8 0.02, grid25 0.05
+    num_points: int = bounded(10000, ge=1)  # toy2d
+    std: float | None = bounded(None, gt=0)  # toy2d component std; None: ring8 0.02, grid25 0.05
 
 
 @dataclass
 class ModelConfig:
-    nz: int = 100  # latent size
-    ngf: int = 32  # generator width (the DCGAN tutorial uses 64 at 64×64)
-    ndf: int = 32  # discriminator width
-    hidden: int = 128  # toy2d MLP width
+    nz: int = bounded(100, ge=1)  # latent size
+    ngf: int = bounded(32, ge=1)  # generator width (the DCGAN tutorial uses 64 at 64×64)
+    ndf: int = bounded(32, ge=1)  # discriminator width
+    hidden: int = bounded(128, ge=1)  # toy2d MLP width
 
 
 @dataclass
 class TrainConfig:
     name: str | None = None  # run directory name; None: the config file's stem, else <data>-<targets>
     out_dir: str = "runs"
-    epochs: int = 30
-    steps: int | None = None  # when set, overrides epochs
-    batch_size: int = 128
+    epochs: int = bounded(30, ge=1)
+    steps: int | None = bounded(None, ge=1)  # when set, overrides epochs
+    batch_size: int = bounded(128, ge=1)
     drop_last: bool = False  # the tutorial keeps the last, smaller batch
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    log_every: int = 10
-    sample_every: int = 200
-    checkpoint_every: int = 200
+    log_every: int = bounded(10, ge=1)
+    sample_every: int = bounded(200, ge=1)
+    checkpoint_every: int = bounded(200, ge=1)
     # GPU options (docs/scaling.md), off by default
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for G and D; inverse examples stay float32
     channels_last: bool = False  # images in NHWC, the layout tensor cores (and oneDNN) prefer
@@ -70,24 +115,24 @@ class TargetsConfig:
 
 @dataclass
 class RegressionConfig:
-    loss: dict[str, float] = field(default_factory=lambda: {"l2": 1.0})  # δ2: weighted mix
+    loss: dict[str, float] = bounded(factory=lambda: {"l2": 1.0}, ge=0)  # δ2: weighted mix
     reduction: Literal["sum", "mean"] = "sum"  # sum reproduces the GAN step (DESIGN.md)
-    lr: float = 0.0002  # λ2; each of the N2 steps uses λ2 / N2
-    steps: int = 1  # N2
+    lr: float = bounded(0.0002, gt=0)  # λ2; each of the N2 steps uses λ2 / N2
+    steps: int = bounded(1, ge=1)  # N2
     optimizer: Literal["adam", "sgd"] = "adam"
-    betas: tuple[float, float] = (0.5, 0.999)  # adam
-    momentum: float = 0.0  # sgd
+    betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)  # adam
+    momentum: float = bounded(0.0, ge=0, lt=1)  # sgd
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    final_fraction: float = 0.0  # linear / cosine: λ2 at the end, as a fraction of lr
-    ema: float | None = None  # decay of an EMA copy of the generator used for samples
+    final_fraction: float = bounded(0.0, ge=0, le=1)  # linear / cosine: λ2 at the end, as a fraction of lr
+    ema: float | None = bounded(None, gt=0, lt=1)  # decay of an EMA copy of the generator used for samples
 
 
 @dataclass
 class EvaluationConfig:
-    every: int = 0  # evaluate every N training steps into metrics.jsonl; 0: only on demand
+    every: int = bounded(0, ge=0)  # evaluate every N training steps into metrics.jsonl; 0: only on demand
     metrics: str = "auto"  # comma-separated: fid, pr, modes, classes; auto: all that apply
     features: str = "auto"  # inception | digits | pixels | a plugin; auto: digits / pixels (toy2d) / inception
-    n: int = 2048  # generated and real samples (the paper: 2048 vs 2048)
+    n: int = bounded(2048, ge=4)  # generated and real samples (the paper: 2048 vs 2048)
     seed: int = 0  # latents and the real subset; fixed so that evaluations compare
     cache_dir: str | None = None  # real statistics; None: ~/.cache/targetgen
     fid_weights: str | None = None  # path of pt_inception-2015-12-05-6726825d.pth
@@ -117,6 +162,35 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a number or a numeric string, else None.
+
+    YAML 1.1 reads "1e-4" (no dot) as a string: it is accepted as the number it is.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_bounds(value: Any, bounds: Bounds, where: str) -> None:
+    """Every number in ``value`` (itself, a tuple's elements, a mapping's values) within ``bounds``."""
+    if value is None:
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, tuple) else [(None, value)]
+    for key, number in items:
+        if not bounds.holds(number):
+            at = where if key is None else f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+            kind = "an integer" if isinstance(number, int) else "a number"
+            raise ConfigError(f"{at}: expected {kind} {bounds.describe()}, got {number!r}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -151,15 +225,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        # 1e3 and 2e0 are the integers they name, however YAML reads them (float or string).
+        number = _number(value)
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it is.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -180,15 +255,17 @@ def from_dict(cls: type, raw: dict[str, Any] | None, where: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown key '{path}'{hint} (valid keys: {', '.join(names)})")
+            raise ConfigError(f"unknown key '{path}'{hint} (valid keys: {', '.join(fields)})")
         kwargs[key] = _coerce(value, hints[key], path)
+        if "bounds" in fields[key].metadata:
+            _check_bounds(kwargs[key], fields[key].metadata["bounds"], path)
     return cls(**kwargs)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import registry
 from .data import iterate_batches
+from .config import bounded
 from .errors import ConfigError
 from .search import BACKENDS
 
@@ -32,9 +33,9 @@ class SearchOptions:
     """Where and how a target source searches nearest neighbours (imle, nearest)."""
 
     space: str = "pixels"  # pixels | downsample | projection | a targetgen.features name
-    downsample_to: int = 8  # space=downsample: side of the pooled image
-    projection_dim: int = 64  # space=projection: dimensions kept
-    memory_budget: float = 2.0  # GiB of working memory for one search
+    downsample_to: int = bounded(8, ge=1)  # space=downsample: side of the pooled image
+    projection_dim: int = bounded(64, ge=1)  # space=projection: dimensions kept
+    memory_budget: float = bounded(2.0, gt=0)  # GiB of working memory for one search
     backend: str = "auto"  # auto | faiss-gpu | faiss-cpu | torch
 
     def budget_bytes(self) -> int:
@@ -43,8 +44,6 @@ class SearchOptions:
 
 def search_space(options: SearchOptions, image_shape: tuple[int, ...], device: torch.device) -> "SearchSpace":
     """The space of ``options``, after checking its budget and backend."""
-    if options.memory_budget <= 0:
-        raise ConfigError(f"targets.options.memory_budget: expected GiB > 0, got {options.memory_budget}")
     if options.backend not in BACKENDS:
         raise ConfigError(f"targets.options.backend: expected one of {', '.join(BACKENDS)}, got {options.backend!r}")
     return SearchSpace(options.space, image_shape, device, options.downsample_to, options.projection_dim)

@@ -8,6 +8,7 @@ from torch import nn
 
 from cli_helpers import run_cli
 from targetgen import Batch, TrainingContext
+from targetgen.config import from_dict
 from targetgen.data import TensorImages
 from targetgen.errors import ConfigError
 from targetgen.plugins.imle import IMLE, IMLEOptions
@@ -81,7 +82,6 @@ def test_nearest_alpha_and_k_move_part_way_to_the_mean_of_k_neighbours():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"alpha": 0.0}, "alpha: expected 0 < α <= 1, got 0.0"),
     ({"k": 9}, r"k: expected 1 <= k <= 4 \(the data set size\), got 9"),
     ({"space": "downsample"}, "'downsample' needs images; these data are 2-d points"),
     ({"space": "inceptoin"}, "unknown space 'inceptoin'; expected one of pixels, downsample, projection"),
@@ -91,13 +91,17 @@ def test_nearest_bad_options_are_named(bad, message):
         NearestTargets(NearestOptions(**bad), points_context(torch.randn(4, 2), None))
 
 
-def test_imle_bad_options_are_named():
-    with pytest.raises(ConfigError, match="staleness: expected an integer >= 1, got 0"):
-        IMLE(IMLEOptions(staleness=0), points_context(torch.randn(4, 2), None))
-    with pytest.raises(ConfigError, match="search_batch: expected an integer >= 1, got 0"):
-        IMLE(IMLEOptions(search_batch=0), points_context(torch.randn(4, 2), None))
-    with pytest.raises(ConfigError, match="memory_budget: expected GiB > 0, got -1"):
-        IMLE(IMLEOptions(memory_budget=-1), points_context(torch.randn(4, 2), None))
+@pytest.mark.parametrize("options, bad, message", [
+    (NearestOptions, {"alpha": 0.0}, r"targets.options.alpha: expected a number in \(0, 1\], got 0.0"),
+    (NearestOptions, {"alpha": 1.5}, r"targets.options.alpha: expected a number in \(0, 1\], got 1.5"),
+    (IMLEOptions, {"staleness": 0}, "targets.options.staleness: expected an integer >= 1, got 0"),
+    (IMLEOptions, {"search_batch": 0}, "targets.options.search_batch: expected an integer >= 1, got 0"),
+    (IMLEOptions, {"memory_budget": -1}, "targets.options.memory_budget: expected a number > 0, got -1.0"),
+    (IMLEOptions, {"jitter": -0.1}, "targets.options.jitter: expected a number >= 0, got -0.1"),
+])
+def test_bad_search_options_are_refused_by_the_schema(options, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(options, bad, "targets.options")
 
 
 @pytest.mark.parametrize("space", ["downsample", "projection"])

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from targetgen import TrainingContext
+from targetgen.config import from_dict
 from targetgen.errors import ConfigError
 from targetgen.plugins.inversion import DiscriminatorInversion, InversionOptions
 from targetgen.training import build_run, new_run_dir, train
@@ -58,11 +59,16 @@ def test_clamp_and_regularizers_shape_the_targets():
     assert jump(x_plain) == 100.0 and jump(x_tv) < 95.0  # TV smooths the edge
 
 
-def test_bad_options():
-    with pytest.raises(ConfigError, match="lambda1: expected λ1 > 0, got 0.0"):
-        source_with(InversionOptions(lambda1=0.0), torch.zeros(4))
-    with pytest.raises(ConfigError, match="steps: expected N1 >= 1, got 0"):
-        source_with(InversionOptions(steps=0), torch.zeros(4))
+@pytest.mark.parametrize("bad, message", [
+    ({"lambda1": 0.0}, r"targets.options.lambda1: expected a number > 0, got 0.0"),
+    ({"steps": 0}, r"targets.options.steps: expected an integer >= 1, got 0"),
+    ({"d_lr": -1}, r"targets.options.d_lr: expected a number > 0, got -1.0"),
+    ({"d_betas": [0.5, 1.5]}, r"targets.options.d_betas\[1\]: expected a number in \[0, 1\), got 1.5"),
+    ({"regularizers": {"tv": -0.1}}, r"targets.options.regularizers.tv: expected a number >= 0, got -0.1"),
+])
+def test_bad_options_are_refused_by_the_schema(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(InversionOptions, bad, "targets.options")
 
 
 @pytest.mark.parametrize("d_loss, discrepancy", [("bce", "bce"), ("lsgan", "l2"), ("hinge", "hinge"), ("wgan-gp", "wasserstein")])

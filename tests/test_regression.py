@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 from targetgen import Targets
-from targetgen.config import RegressionConfig
+from targetgen.config import RegressionConfig, from_dict
 from targetgen.errors import ConfigError
 from targetgen.regression import RegressionEngine
 from targetgen.schedules import scheduled
 
 
 def engine(model, **kw):
-    return RegressionEngine(model, RegressionConfig(**kw), total_steps=10)
+    return RegressionEngine(model, from_dict(RegressionConfig, kw, "regression"), total_steps=10)
 
 
 def test_loss_values_and_reductions():
@@ -80,10 +80,12 @@ def test_ema_copy_follows_the_generator():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("lr", -1.0, "regression.lr: expected a positive learning rate"),
-    ("steps", 0, "regression.steps: expected N2 >= 1, got 0"),
+    ("lr", -1.0, "regression.lr: expected a number > 0, got -1.0"),
+    ("steps", 0, "regression.steps: expected an integer >= 1, got 0"),
     ("loss", {}, "regression.loss: give at least one loss"),
-    ("ema", 1.5, "regression.ema: expected a decay in"),
+    ("loss", {"l2": -1}, "regression.loss.l2: expected a number >= 0, got -1.0"),
+    ("ema", 1.5, r"regression.ema: expected a number in \(0, 1\), got 1.5"),
+    ("betas", [2, 3], r"regression.betas\[0\]: expected a number in \[0, 1\), got 2.0"),
 ])
 def test_bad_regression_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):

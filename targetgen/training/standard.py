@@ -16,8 +16,8 @@ import torch.optim as optim
 from torch import Tensor
 
 from ..api import Batch
+from ..config import bounded
 from ..distributed import unwrap
-from ..errors import ConfigError
 
 # Establish convention for real and fake labels during training
 real_label = 1.0
@@ -26,16 +26,13 @@ fake_label = 0.0
 
 @dataclass
 class StandardOptions:
-    g_lr: float = 0.0002  # the generator's learning rate η
-    d_lr: float = 0.0002
-    betas: tuple[float, float] = (0.5, 0.999)
+    g_lr: float = bounded(0.0002, gt=0)  # the generator's learning rate η
+    d_lr: float = bounded(0.0002, gt=0)
+    betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)
 
 
 class StandardGAN:
     def __init__(self, options: StandardOptions, netG: nn.Module, netD: nn.Module, sample_latents: Callable[[int], Tensor]):
-        for key in ("g_lr", "d_lr"):
-            if getattr(options, key) <= 0:
-                raise ConfigError(f"targets.options.{key}: expected a positive learning rate, got {getattr(options, key)}")
         self.netG, self.netD = netG, netD
         self.sample_latents = sample_latents
         # Initialize BCELoss function

@@ -49,15 +49,6 @@ def resolve_device(name: str, processes: Processes = Processes()) -> torch.devic
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
-def _check_train(config: Config) -> None:
-    t = config.train
-    for key in ("epochs", "batch_size", "log_every", "sample_every", "checkpoint_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}: expected a positive integer, got {getattr(t, key)}")
-    if t.steps is not None and t.steps < 1:
-        raise ConfigError(f"train.steps: expected a positive integer, got {t.steps}")
-
-
 def _check_gpu_options(config: Config, device: torch.device) -> None:
     """cudnn.benchmark needs CUDA; bf16 and channels-last also run on CPU (slowly: they are meant for GPUs)."""
     t = config.train
@@ -89,7 +80,6 @@ class Run:
 
 def build_run(config: Config, processes: Processes = Processes()) -> Run:
     """Build data, models and strategy. Resolves the target options in ``config`` in place."""
-    _check_train(config)
     t, m = config.train, config.model
     device = resolve_device(t.device, processes)
     _check_gpu_options(config, device)
