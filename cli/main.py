@@ -6,6 +6,7 @@ status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from targetgen.errors import TargetgenError
+from targetgen.errors import Interrupted, TargetgenError
 
 app = typer.Typer(
     help="Train image generators by separating target generation from regression.",
@@ -53,31 +54,36 @@ def train(
     on N processes with DistributedDataParallel; see docs/scaling.md.
     """
     from targetgen.config import load_config
-    from targetgen.training import config_of_run, new_run_dir
-    from targetgen.training import train as run_training
-
-    from targetgen.distributed import join, leave, on_main
+    from targetgen.training.rundir import config_of_run, planned_run_dir, resumable_run_dir
 
     overrides = list(set_ or [])
-    for key, value in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size), ("seed", seed),
-                       ("name", name), ("out_dir", out_dir), ("device", device)):
+    for key, value in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
         if value is not None:
             overrides.append(f"train.{key}={value}")
+    for key, text in (("name", name), ("out_dir", out_dir), ("device", device)):
+        if text is not None:  # names and paths stay strings ("123", "") rather than being read as YAML
+            overrides.append(f"train.{key}={json.dumps(str(text))}")
+    # Everything that can be checked without torch is checked first; nothing is deleted here.
     if resume is not None:
         if config is not None or targets is not None or overwrite:
             raise TargetgenError("--resume continues a run with its saved config; drop --config, --targets and --overwrite")
+        run_dir = resumable_run_dir(resume)
         cfg = config_of_run(resume, overrides)
     else:
         cfg = load_config(config, overrides, targets)
+        run_dir = planned_run_dir(cfg.train.out_dir, cfg.train.name, overwrite)
+
+    from targetgen.distributed import join, leave
+    from targetgen.training import train as run_training
+
     processes = join(cfg.train.device)  # torchrun: one process per GPU (or CPU share), see docs/scaling.md
     try:
-        if resume is not None:
-            run_dir = resume
-            if processes.is_main:
-                console.print(f"resuming [bold]{run_dir}[/]")
-        else:  # rank 0 prepares the directory; every process learns its fate
-            run_dir = on_main(processes, lambda: new_run_dir(cfg, overwrite))
-        run = run_training(cfg, run_dir, resume=resume is not None, progress=progress, processes=processes)
+        if resume is not None and processes.is_main:
+            console.print(f"resuming [bold]{run_dir}[/]")
+        run = run_training(cfg, run_dir, resume=resume is not None, overwrite=overwrite, progress=progress,
+                           processes=processes)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {_checkpoint_kept(run_dir)}; continue with: targetgen train --resume {run_dir}") from None
     finally:
         leave(processes)
     if processes.is_main:
@@ -86,6 +92,18 @@ def train(
         console.print(f"samples:    {run_dir / 'samples'}")
         console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
         console.print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}")
+
+
+def _checkpoint_kept(run_dir: Path) -> str:
+    """What a stopped run keeps, in words."""
+    from targetgen.errors import CheckpointError
+    from targetgen.training.checkpoint import load_checkpoint
+    from targetgen.training.rundir import CHECKPOINT
+
+    try:
+        return f"the last checkpoint (step {load_checkpoint(run_dir / CHECKPOINT)['step']}) is kept"
+    except CheckpointError:
+        return "no checkpoint was written yet"
 
 
 @app.command()
@@ -140,7 +158,6 @@ def evaluate(
     fid_weights: WeightsOption = None,
 ) -> None:
     """Evaluate the latest checkpoint of a run; writes eval.json into the run directory and prints a table."""
-    import json
 
     from rich.table import Table
 
@@ -212,14 +229,16 @@ def compare(
 
     from targetgen.compare import plan_comparison, run_plan, write_plan
     from targetgen.report import write_report
+    from targetgen.training.rundir import run_lock
 
     plan = plan_comparison(config, out, list(set_ or []), targets, seeds, list(grid or []), control)
-    write_plan(plan, shlex.join(["targetgen", *sys.argv[1:]]))
-    labels = ", ".join(c.label for c in plan.configurations)
-    console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs: {labels}",
-                  soft_wrap=True, highlight=False)
-    outcome = run_plan(plan, jobs, console, progress)
-    paths = write_report(out)
+    with run_lock(out, "targetgen compare"):  # one comparison at a time in a folder
+        write_plan(plan, shlex.join(["targetgen", *sys.argv[1:]]))
+        labels = ", ".join(c.label for c in plan.configurations)
+        console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs: {labels}",
+                      soft_wrap=True, highlight=False)
+        outcome = run_plan(plan, jobs, console, progress)
+        paths = write_report(out)
     console.print("report: " + ", ".join(str(p) for p in paths))
     if outcome.failed:
         names = ", ".join(name for name, _ in outcome.failed)
@@ -269,7 +288,6 @@ def probe(
     seed: Annotated[int, typer.Option(help="Seed of the batch and the latents.")] = 0,
 ) -> None:
     """Measure the generator's inductive bias K_θ along the target source's requests (docs/theory.md)."""
-    import json
 
     from rich.table import Table
 
@@ -300,15 +318,27 @@ def plugins() -> None:
     console.print(table)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, without the source line that raised them."""
+    if os.environ.get("RANK", "0") == "0":
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", soft_wrap=True, highlight=False)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     try:
         app()
     except TargetgenError as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
-            err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; continue with --resume <run directory> (from the last checkpoint)")
+            label = "stopped" if isinstance(err, Interrupted) else "error"
+            err_console.print(f"[red]{label}:[/] {err}", soft_wrap=True, highlight=False)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # outside training: nothing to resume
+        err_console.print("interrupted")
         sys.exit(130)
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded, registry
+from targetgen.api import require_finite
 from targetgen.distributed import unwrap
 from targetgen.errors import ConfigError
 from targetgen.models import forward_preserving_buffers
@@ -105,10 +106,10 @@ class DiscriminatorInversion(TargetGenerator):
         """One discriminator step, the real and fake terms backpropagated in turn as in the tutorial."""
         kind = self.options.d_loss
         self.netD.zero_grad()
-        out_real = self.netD(real).view(-1)
+        out_real = require_finite(self.netD(real).view(-1), "D(x)")
         err_real = _d_terms(kind, out_real, None)
         err_real.backward()
-        out_fake = self.netD(fake).view(-1)
+        out_fake = require_finite(self.netD(fake).view(-1), "D(G(z))")
         err_fake = _d_terms(kind, None, out_fake)
         err_fake.backward()
         errD = err_real + err_fake
@@ -146,7 +147,7 @@ class DiscriminatorInversion(TargetGenerator):
         d_before = 0.0
         for i in range(o.steps):
             x = x.detach().requires_grad_(True)
-            output = netD(x).view(-1)
+            output = require_finite(netD(x).view(-1), "D(x') during inversion")
             if i == 0:
                 d_before = output.mean().item()
             delta1 = discrepancy(output, o.discrepancy, probabilities)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .errors import DivergenceError
+
 
 @dataclass
 class Batch:
@@ -57,6 +59,17 @@ class TrainingContext:
     # Builds a fresh discriminator matched to the data and the configured width;
     # ``sigmoid=True`` ends it with the DCGAN tutorial's Sigmoid (for BCE).
     make_discriminator: Callable[..., nn.Module] | None = None
+
+
+def require_finite(values: Tensor, what: str) -> Tensor:
+    """``values`` unchanged, or a DivergenceError naming ``what`` when any of them is NaN or infinite.
+
+    For network outputs a step cannot go on with (a BCE loss refuses NaN with
+    a traceback); the trainer adds the step and the checkpoint it keeps.
+    """
+    if not torch.isfinite(values).all():
+        raise DivergenceError(f"{what} is not finite")
+    return values
 
 
 class TargetGenerator(ABC):

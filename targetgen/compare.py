@@ -359,7 +359,7 @@ def is_finished(run_dir: Path) -> bool:
 
 def _checkpoint_step(run_dir: Path) -> int | None:
     from .training.checkpoint import load_checkpoint
-    from .training.trainer import CHECKPOINT
+    from .training.rundir import CHECKPOINT
 
     path = run_dir / CHECKPOINT
     return load_checkpoint(path)["step"] if path.is_file() else None
@@ -378,7 +378,9 @@ def _command(plan: Plan, run: PlannedRun) -> tuple[list[str], int | None]:
 
 def final_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """The last evaluation (``eval/`` keys, prefix dropped) and the last log line of a run."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from .training.rundir import METRICS, read_metrics
+
+    lines = read_metrics(run_dir / METRICS)
     evaluations = [line for line in lines if any(k.startswith("eval/") for k in line)]
     metrics = {k[5:]: v for k, v in evaluations[-1].items() if k.startswith("eval/")} if evaluations else {}
     return metrics, lines[-1] if lines else {}

@@ -1,12 +1,14 @@
 """Errors a user can act on.
 
 Every error raised for bad input derives from `TargetgenError`; the CLI prints
-its message on one line and exits with status 2, without a traceback.
+its message on one line and exits with its ``exit_code`` (2), without a traceback.
 """
 
 
 class TargetgenError(Exception):
     """Bad input or a state the user must fix; the message says what and how."""
+
+    exit_code = 2
 
 
 class ConfigError(TargetgenError):
@@ -22,8 +24,18 @@ class PluginError(TargetgenError):
 
 
 class DivergenceError(TargetgenError):
-    """A loss became NaN or infinite; training stopped."""
+    """A loss, a network output or a weight became NaN or infinite; training stopped."""
 
 
 class RunDirectoryError(TargetgenError):
-    """A run directory is missing, or exists and may not be reused."""
+    """A run directory is missing, is in use, or exists and may not be reused."""
+
+
+class CheckpointError(TargetgenError):
+    """A checkpoint cannot be written, read, or does not fit the run."""
+
+
+class Interrupted(TargetgenError):
+    """The user stopped a command (Ctrl-C); the message says how to continue."""
+
+    exit_code = 130

@@ -232,8 +232,9 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
 
 
 def _evaluations(out: Path, name: str) -> list[dict[str, Any]]:
-    path = out / "runs" / name / "metrics.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from .training.rundir import METRICS, read_metrics
+
+    lines = read_metrics(out / "runs" / name / METRICS)
     return [line for line in lines if any(k.startswith("eval/") for k in line)]
 
 

@@ -3,7 +3,7 @@ import torch
 
 from targetgen.config import Config, dump_config, from_dict, load_config, read_yaml, to_dict
 from targetgen.errors import ConfigError, PluginError
-from targetgen.training import build_run, config_of_run, new_run_dir, train
+from targetgen.training import build_run, config_of_run, plan_run_dir, train
 
 
 def test_defaults_are_the_digits_inversion_run():
@@ -72,12 +72,12 @@ def test_yaml_must_be_safe(tmp_path):
 
 def test_resolved_config_round_trips_to_the_same_run(tiny_config, tmp_path):
     config = tiny_config("train.steps=3", "targets.options.lambda1=0.5")
-    first = train(config, new_run_dir(config, False), progress=False)
+    first = train(config, plan_run_dir(config, False), progress=False)
     saved = config_of_run(tmp_path / "run")
     assert to_dict(saved) == to_dict(config)
     assert saved.targets.options["d_loss"] == "bce"  # every option resolved and written
     saved.train.name = "again"
-    second = train(saved, new_run_dir(saved, False), progress=False)
+    second = train(saved, plan_run_dir(saved, False), progress=False)
     for p, q in zip(first.generator.parameters(), second.generator.parameters(), strict=True):
         assert torch.equal(p, q)
 

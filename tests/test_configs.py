@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from targetgen.config import load_config
-from targetgen.training import new_run_dir, train
+from targetgen.training import plan_run_dir, train
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 SHORT = ["train.steps=2", "train.batch_size=4", "train.log_every=1"]
@@ -29,7 +29,7 @@ def test_preset_trains(name, source, tmp_path, fake_celeba):
     extra = [f"data.path={fake_celeba}", "data.num_workers=0"] if name.startswith("celeba") else []
     config = load_config(CONFIGS / f"{name}.yaml", [*SHORT, *extra, f"train.out_dir={tmp_path / 'runs'}"])
     assert config.targets.name == source
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     run = train(config, run_dir, progress=False)
     assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "samples" / "final.png").exists()
     if name.startswith("celeba"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import max_param_diff
 from targetgen import Targets
-from targetgen.training import build_run, new_run_dir, train
+from targetgen.training import build_run, plan_run_dir, train
 import targetgen.plugins.inversion as inversion
 
 ETA = 0.05  # large enough that 5 steps move the generator visibly
@@ -62,9 +62,9 @@ def test_full_alternating_training_with_adam_agrees(tiny_config, float64):
     """The two trainers, discriminator trained in alternation, Adam, λ1 = 1."""
     common = ["train.steps=5", "train.batch_size=64"]
     standard_cfg = tiny_config(*common, targets="standard", name="standard")
-    standard = train(standard_cfg, new_run_dir(standard_cfg, False), progress=False)
+    standard = train(standard_cfg, plan_run_dir(standard_cfg, False), progress=False)
     decomposed_cfg = tiny_config(*common, "targets.options.lambda1=1.0", "regression.lr=0.0002", name="decomposed")
-    decomposed = train(decomposed_cfg, new_run_dir(decomposed_cfg, False), progress=False)
+    decomposed = train(decomposed_cfg, plan_run_dir(decomposed_cfg, False), progress=False)
 
     assert standard.generator.main[0].weight.dtype == torch.float64
     assert max_param_diff(standard.generator, decomposed.generator) <= 1e-10

@@ -20,7 +20,7 @@ from targetgen.features import FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, Ince
 from targetgen.metrics import (
     Statistics, class_metrics, feature_statistics, frechet_distance, mode_metrics, precision_recall_density_coverage,
 )
-from targetgen.training import new_run_dir, train
+from targetgen.training import plan_run_dir, train
 
 
 def test_shipped_digits_classifier_is_accurate_on_held_out_digits():
@@ -125,7 +125,7 @@ def random_inception_weights(tmp_path_factory):
 def test_fid_pipeline_with_randomly_initialised_inception_weights(tiny_config, tmp_path, random_inception_weights):
     config = tiny_config("train.steps=2", "evaluation.features=inception", "evaluation.n=12",
                          f"evaluation.cache_dir={tmp_path / 'cache'}", f"evaluation.fid_weights={random_inception_weights}")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 12 samples in 2048 dimensions: singular, and said so
@@ -182,7 +182,7 @@ def test_fid_stats_command_fills_the_cache(tmp_path):
 def test_evaluate_a_digits_run_and_evaluation_during_training(tiny_config, tmp_path):
     config = tiny_config("train.steps=4", "evaluation.every=2", "evaluation.n=200", f"evaluation.cache_dir={tmp_path / 'c'}",
                          "regression.ema=0.9")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [line for line in lines if "eval/fid_digits" in line]
@@ -197,7 +197,7 @@ def test_evaluate_a_digits_run_and_evaluation_during_training(tiny_config, tmp_p
 
 def test_evaluate_modes_on_toy2d_and_bad_choices(tiny_config, tmp_path):
     config = tiny_config("data.name=toy2d", "data.mixture=grid25", "data.num_points=500", "train.steps=2")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     code, out, err = run_cli("evaluate", str(run_dir), "--n", "500", "--cache-dir", str(tmp_path / "c"))
     assert code == 0, err
@@ -213,7 +213,7 @@ def test_training_with_inception_evaluation_but_no_weights_fails_before_the_firs
     monkeypatch.delenv("TARGETGEN_FID_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     config = tiny_config("train.steps=50", "evaluation.every=10", "evaluation.features=inception")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     with pytest.raises(DataError, match=FID_WEIGHTS_FILE):
         train(config, run_dir, progress=False)
     assert not (run_dir / "checkpoints").exists()

@@ -5,7 +5,7 @@ import torch
 
 from targetgen.distributed import Autocast
 from targetgen.errors import ConfigError
-from targetgen.training import build_run, new_run_dir, train
+from targetgen.training import build_run, plan_run_dir, train
 from targetgen import Batch
 
 
@@ -22,14 +22,14 @@ def test_bf16_runs_the_networks_in_bf16_and_inverts_in_float32(tiny_config):
     # the discriminator step runs under autocast (bf16 inside), the inversion in float32
     assert seen[-1] == (torch.float32, torch.float32)
     assert any(out == torch.bfloat16 for _, out in seen[:-1])
-    trained = train(config, new_run_dir(config, False), progress=False)  # and trains end to end
+    trained = train(config, plan_run_dir(config, False), progress=False)  # and trains end to end
     assert all(torch.isfinite(p).all() for p in trained.generator.parameters())
     assert next(trained.generator.parameters()).dtype == torch.float32  # the weights stay float32
 
 
 def test_channels_last_layout_for_images(tiny_config):
     config = tiny_config("train.steps=2", "train.channels_last=true", targets="inversion")
-    run = train(config, new_run_dir(config, False), progress=False)
+    run = train(config, plan_run_dir(config, False), progress=False)
     convs = [m.weight for m in run.generator.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 

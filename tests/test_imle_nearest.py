@@ -13,7 +13,7 @@ from targetgen.data import TensorImages
 from targetgen.errors import ConfigError
 from targetgen.plugins.imle import IMLE, IMLEOptions
 from targetgen.plugins.nearest import NearestOptions, NearestTargets
-from targetgen.training import build_run, new_run_dir, train
+from targetgen.training import build_run, plan_run_dir, train
 
 
 def points_context(data, sample_latents, generator=None, **distributed):
@@ -115,7 +115,7 @@ def test_imle_on_toy2d_brings_samples_closer_to_the_data(tiny_config, tmp_path):
     config = tiny_config("data.name=toy2d", "data.mixture=grid25", "data.num_points=500", "train.batch_size=100",
                          "train.steps=100", "targets.options.staleness=1", "targets.options.samples_factor=4",
                          "regression.lr=0.002", targets="imle")
-    run = train(config, new_run_dir(config, False), progress=False)
+    run = train(config, plan_run_dir(config, False), progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = log[0]["match_distance"], log[-1]["match_distance"]
     assert log[-1]["matched_epoch"] == 19  # 500 points / 100 per batch: 20 epochs, matched at each

@@ -8,7 +8,7 @@ from targetgen import TrainingContext
 from targetgen.config import from_dict
 from targetgen.errors import ConfigError
 from targetgen.plugins.inversion import DiscriminatorInversion, InversionOptions
-from targetgen.training import build_run, new_run_dir, train
+from targetgen.training import build_run, plan_run_dir, train
 
 
 class LinearCritic(nn.Module):
@@ -75,7 +75,7 @@ def test_bad_options_are_refused_by_the_schema(bad, message):
 def test_every_discriminator_loss_trains_and_moves_samples_towards_real(tiny_config, d_loss, discrepancy):
     config = tiny_config("train.steps=3", f"targets.options.d_loss={d_loss}",
                          f"targets.options.discrepancy={discrepancy}", "targets.options.regularizers={tv: 0.001, range: 1.0}")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     run = train(config, run_dir, progress=False)
     stats = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert stats["target_distance"] > 0 and "target_reach" in stats

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from targetgen.errors import DivergenceError, RunDirectoryError
-from targetgen.training import CHECKPOINT, config_of_run, new_run_dir, train
+from targetgen.errors import CheckpointError, DivergenceError, RunDirectoryError
+from targetgen.training import CHECKPOINT, config_of_run, plan_run_dir, train
 from targetgen.training import checkpoint as checkpoint_module
 from targetgen.training.standard import StandardGAN
 
@@ -48,10 +48,10 @@ EXTRA = {
 @pytest.mark.parametrize("targets", list(EXTRA))
 def test_stop_and_resume_is_bit_identical(tiny_config, targets):
     extra = EXTRA[targets]
-    whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), new_run_dir(c, False), progress=False)
+    whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), plan_run_dir(c, False), progress=False)
 
     first = tiny_config(*LONG, "train.steps=13", *extra, targets=targets, name="split")
-    run_dir = new_run_dir(first, False)
+    run_dir = plan_run_dir(first, False)
     train(first, run_dir, progress=False)
     resumed = train(config_of_run(run_dir, ["train.steps=20"]), run_dir, resume=True, progress=False)
 
@@ -61,10 +61,10 @@ def test_stop_and_resume_is_bit_identical(tiny_config, targets):
 
 
 def test_crashed_run_resumes_from_its_last_checkpoint(tiny_config, monkeypatch):
-    whole = train((c := tiny_config(*LONG, "train.steps=12", targets="standard", name="whole")), new_run_dir(c, False), progress=False)
+    whole = train((c := tiny_config(*LONG, "train.steps=12", targets="standard", name="whole")), plan_run_dir(c, False), progress=False)
 
     config = tiny_config(*LONG, "train.steps=12", targets="standard", name="crash")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     original = StandardGAN.step
 
     def crash_at_ten(self, batch, step, log):
@@ -85,15 +85,15 @@ def test_crashed_run_resumes_from_its_last_checkpoint(tiny_config, monkeypatch):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint_module.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    checkpoint_module.atomic_save({"format": 2, "step": 1, "w": torch.ones(3)}, path)
 
     def dies_halfway(obj, f):
         f.write(b"partial garbage")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dies_halfway)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint_module.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.pt \(disk full\); the previous checkpoint is intact"):
+        checkpoint_module.atomic_save({"format": 2, "step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     state = checkpoint_module.load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
@@ -102,7 +102,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 def test_divergence_stops_with_step_and_loss_and_keeps_the_checkpoint(tiny_config, monkeypatch):
     config = tiny_config("train.steps=10", "train.checkpoint_every=2", targets="standard")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     original = StandardGAN.step
 
     def nan_at_step_five(self, batch, step, log):
@@ -112,22 +112,27 @@ def test_divergence_stops_with_step_and_loss_and_keeps_the_checkpoint(tiny_confi
         return stats
 
     monkeypatch.setattr(StandardGAN, "step", nan_at_step_five)
-    with pytest.raises(DivergenceError, match=r"diverged at step 5: g_loss = nan; the last good checkpoint is .*last.pt"):
+    with pytest.raises(DivergenceError, match=r"diverged at step 5: g_loss = nan; the last checkpoint \(.*last.pt, step 4\) is finite and kept"):
         train(config, run_dir, progress=False)
     assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 4
 
 
 def test_run_directory_is_not_reused_silently(tiny_config):
     config = tiny_config("train.steps=1", targets="standard")
-    train(config, new_run_dir(config, False), progress=False)
+    run_dir = plan_run_dir(config, False)
+    train(config, run_dir, progress=False)
     with pytest.raises(RunDirectoryError, match="exists; continue it with --resume .* --overwrite"):
-        new_run_dir(config, overwrite=False)
-    assert not any(new_run_dir(config, overwrite=True).iterdir())
+        plan_run_dir(config, overwrite=False)
+    with pytest.raises(RunDirectoryError, match="exists; continue it with --resume .* --overwrite"):
+        train(config, run_dir, progress=False)  # checked again under the lock, when the directory is claimed
+    assert plan_run_dir(config, overwrite=True) == run_dir and (run_dir / CHECKPOINT).is_file()  # planning deletes nothing
+    train(config, run_dir, overwrite=True, progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl", "samples"]
 
 
 def test_resume_may_only_change_the_length(tiny_config):
     config = tiny_config("train.steps=1", targets="standard")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     with pytest.raises(Exception, match="only train.steps and train.epochs may change"):
         config_of_run(run_dir, ["regression.lr=0.1"])

@@ -144,10 +144,10 @@ def test_toy_cli_writes_json_and_plots(tmp_path):
 
 def test_probe_of_a_trained_run_is_consistent(tiny_config, tmp_path):
     from targetgen.probe import probe_run
-    from targetgen.training import load_trained, new_run_dir, train
+    from targetgen.training import load_trained, plan_run_dir, train
 
     config = tiny_config("train.steps=3", "regression.lr=0.0008", "targets.options.lambda1=0.25", targets="inversion")
-    run_dir = new_run_dir(config, False)
+    run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     result = probe_run(load_trained(run_dir), batch_size=8)
     assert result["kappa_request"] > 0 and result["kappa_random"] > 0  # K is positive semi-definite
@@ -159,7 +159,7 @@ def test_probe_of_a_trained_run_is_consistent(tiny_config, tmp_path):
     code, _, stderr = run_cli("probe", str(run_dir), "--batch-size", "1")
     assert code == 2 and "--batch-size: expected at least 2" in stderr
     standard = tiny_config("train.steps=1", targets="standard", name="std")
-    std_dir = new_run_dir(standard, False)
+    std_dir = plan_run_dir(standard, False)
     train(standard, std_dir, progress=False)
     code, _, stderr = run_cli("probe", str(std_dir))
     assert code == 2 and "a standard run has no target source" in stderr

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.optim as optim
 from torch import Tensor
 
-from ..api import Batch
+from ..api import Batch, require_finite
 from ..config import bounded
 from ..distributed import unwrap
 
@@ -57,7 +57,7 @@ class StandardGAN:
         b_size = real_cpu.size(0)
         label = torch.full((b_size,), real_label, dtype=real_cpu.dtype, device=device)
         # Forward pass real batch through D
-        output = netD(real_cpu).view(-1)
+        output = require_finite(netD(real_cpu).view(-1), "D(x)")
         # Calculate loss on all-real batch
         errD_real = criterion(output, label)
         # Calculate gradients for D in backward pass
@@ -71,7 +71,7 @@ class StandardGAN:
         fake = netG(noise)
         label.fill_(fake_label)
         # Classify all fake batch with D
-        output = netD(fake.detach()).view(-1)
+        output = require_finite(netD(fake.detach()).view(-1), "D(G(z))")
         # Calculate D's loss on the all-fake batch
         errD_fake = criterion(output, label)
         # Calculate the gradients for this batch, accumulated (summed) with previous gradients
@@ -88,7 +88,7 @@ class StandardGAN:
         netG.zero_grad()
         label.fill_(real_label)  # fake labels are real for generator cost
         # Since we just updated D, perform another forward pass of all-fake batch through D
-        output = netD(fake).view(-1)
+        output = require_finite(netD(fake).view(-1), "D(G(z)) after the discriminator step")
         # Calculate G's loss based on this output
         errG = criterion(output, label)
         # Calculate gradients for G

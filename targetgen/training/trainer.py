@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +17,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import registry
+from .. import __version__, registry
 from ..api import TargetGenerator, TrainingContext
-from ..config import Config, dump_config, from_dict, to_dict, read_yaml
+from ..config import Config, dump_config, from_dict, to_dict
 from ..data import TrainingData, batches_per_epoch, epoch_order, iterate_batches, load_data
 from ..distributed import Processes, average, check_batch, local_share, on_main, wrap
-from ..errors import ConfigError, DivergenceError, RunDirectoryError
+from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..models import build_discriminator, build_generator, latent_shape
 from ..regression import RegressionEngine
 from ..samples import generate, save_samples
-from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .decomposed import Decomposed
+from .rundir import (
+    CHECKPOINT, METRICS, config_of_run, planned_run_dir, prepare_run_dir, remove_orphans, resumable_run_dir, run_lock,
+    truncate_metrics,
+)
 from .standard import StandardGAN, StandardOptions
-
-CHECKPOINT = "checkpoints/last.pt"
 
 
 def resolve_device(name: str, processes: Processes = Processes()) -> torch.device:
@@ -88,8 +89,9 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
     data = load_data(config.data)
     n = len(data.dataset)
     steps_per_epoch = batches_per_epoch(n, t.batch_size, t.drop_last)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the data set ({n}) with drop_last")
+    if t.batch_size > n:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the data set ({n:,} "
+                          f"{'points' if len(data.image_shape) == 1 else 'images'}); expected at most {n}")
     total_steps = t.steps if t.steps is not None else t.epochs * steps_per_epoch
 
     shape = data.image_shape
@@ -143,38 +145,9 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
                processes=processes)
 
 
-# ----------------------------------------------------------------------------- run directories
-
-
-def new_run_dir(config: Config, overwrite: bool) -> Path:
-    run_dir = Path(config.train.out_dir) / config.train.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirectoryError(
-                f"run directory {run_dir} exists; continue it with --resume {run_dir}, "
-                "replace it with --overwrite, or choose another --name"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def config_of_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved config saved in ``run_dir``, with (only) length overrides applied."""
-    from ..config import apply_override
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no config.yaml)")
-    raw = read_yaml(path)
-    for assignment in overrides:
-        key = assignment.partition("=")[0].strip()
-        if key not in ("train.steps", "train.epochs"):
-            raise ConfigError(
-                f"--set {key}: a resumed run keeps its config; only train.steps and train.epochs may change"
-            )
-        apply_override(raw, assignment)
-    return from_dict(Config, raw)
+def plan_run_dir(config: Config, overwrite: bool = False) -> Path:
+    """Where ``config``'s run goes, refused when that would lose work; nothing is created or deleted yet."""
+    return planned_run_dir(config.train.out_dir, config.train.name, overwrite)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -192,7 +165,10 @@ class Position:
 def _save_checkpoint(run: Run, run_dir: Path, pos: Position, order: Tensor) -> None:
     atomic_save(
         {
-            "format": 1,
+            "format": FORMAT,
+            "targets": run.config.targets.name,
+            "version": __version__,
+            "config": to_dict(run.config),
             "step": pos.step,
             "epoch": pos.epoch,
             "batch": pos.batch,
@@ -208,28 +184,72 @@ def _save_checkpoint(run: Run, run_dir: Path, pos: Position, order: Tensor) -> N
 
 
 def _restore(run: Run, run_dir: Path) -> tuple[Position, Tensor]:
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    run.generator.load_state_dict(state["generator"])
-    run.strategy.load_state_dict(state["strategy"])
+    """Load the run's checkpoint into ``run``: refused in one line when it does not fit."""
+    path = run_dir / CHECKPOINT
+    state = load_checkpoint(path, targets=run.config.targets.name)
+    t = run.config.train
+    if state["step"] > run.total_steps:
+        key, value = ("train.steps", t.steps) if t.steps is not None else ("train.epochs", t.epochs)
+        raise ConfigError(f"{key}: {value} gives {run.total_steps} steps, fewer than the checkpoint's "
+                          f"{state['step']}; a resumed run can only be extended")
+    try:
+        run.generator.load_state_dict(state["generator"])
+        run.strategy.load_state_dict(state["strategy"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this run's networks or optimisers: {first}") from None
     set_rng_state(state["rng"])
     position = Position(state["step"], state["epoch"], state["batch"], state.get("images", 0), state.get("seconds", 0.0))
     return position, state["order"]
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+def _floating_tensors(state: dict):
+    for value in state.values():
+        if isinstance(value, dict):
+            yield from _floating_tensors(value)
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            yield value
 
 
-def _check_finite(stats: dict[str, float], step: int, run_dir: Path) -> None:
+def _finite(tensors) -> bool:
+    """No NaN or infinity in ``tensors``: one fused max-abs over all of them."""
+    tensors = list(tensors)
+    return not tensors or bool(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf).isfinite())
+
+
+def _non_finite_state(run: Run) -> str | None:
+    """The first network, optimiser or buffer entry holding a NaN or infinity, by name."""
+    for owner, state in (("generator", run.generator.state_dict()), ("strategy", run.strategy.state_dict())):
+        if _finite(_floating_tensors(state)):
+            continue
+        flat = [(owner, state)]
+        while flat:
+            prefix, node = flat.pop(0)
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    flat.append((f"{prefix}.{key}", value))
+                elif isinstance(value, torch.Tensor) and value.is_floating_point() and not _finite([value]):
+                    return f"{prefix}.{key}"
+    return None
+
+
+def _diverged(run_dir: Path, step: int, what: str) -> DivergenceError:
+    path = run_dir / CHECKPOINT
+    kept = (f"the last checkpoint ({path}, step {load_checkpoint(path)['step']}) is finite and kept"
+            if path.is_file() else "no checkpoint was written yet")
+    return DivergenceError(f"training diverged at step {step}: {what}; {kept}")
+
+
+def _check_step(run: Run, stats: dict[str, float], step: int, run_dir: Path, full: bool) -> None:
+    """Stop at the first NaN or infinity: in a logged statistic, in the generator's weights after
+    the step, and (``full``: before every checkpoint and on logging steps) anywhere in the state."""
     for key, value in stats.items():
         if not math.isfinite(value):
-            ckpt = run_dir / CHECKPOINT
-            kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
-            raise DivergenceError(f"training diverged at step {step + 1}: {key} = {value}; {kept}")
+            raise _diverged(run_dir, step, f"{key} = {value}")
+    if not _finite(run.generator.parameters()):
+        raise _diverged(run_dir, step, f"the generator's weights are not finite ({_non_finite_state(run)})")
+    if full and (bad := _non_finite_state(run)) is not None:
+        raise _diverged(run_dir, step, f"{bad} is not finite")
 
 
 def _check_evaluation(config: Config) -> None:
@@ -263,30 +283,44 @@ def write_samples(run: Run, path: Path) -> None:
     save_samples(samples, path, data, title=path.stem)
 
 
-def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+def train(config: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
           processes: Processes = Processes()) -> Run:
     """Train ``config`` into ``run_dir`` (from its checkpoint when ``resume``).
 
+    Everything is built, and so every value checked, before the directory is
+    touched; then the directory is locked for the whole run, and emptied first
+    only when ``overwrite`` allows it (``rundir.prepare_run_dir``).
     Distributed, every process trains on its share of each global batch and
-    resumes from the same checkpoint; rank 0 alone writes anything.
+    resumes from the same checkpoint; rank 0 alone locks and writes anything.
     """
     if config.evaluation.every:  # rank 0 evaluates; its verdict reaches every process before any step
         on_main(processes, lambda: _check_evaluation(config))
     run = build_run(config, processes)
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:
+            held.enter_context(run_lock(run_dir))
+            remove_orphans(run_dir)
+            if resume:
+                resumable_run_dir(run_dir)
+            else:
+                prepare_run_dir(run_dir, overwrite)
+
+        on_main(processes, claim)
+        pos, order = Position(), epoch_order(len(run.data.dataset), config.train.seed, 0)
+        if resume:
+            pos, order = _restore(run, run_dir)
+        if processes.is_main:
+            truncate_metrics(run_dir / METRICS, pos.step)  # a resumed run redoes what came after its checkpoint
+            dump_config(config, run_dir / "config.yaml")
+        _loop(run, run_dir, pos, order, progress)
+    return run
+
+
+def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, progress: bool) -> None:
+    config, processes = run.config, run.processes
     t = config.train
     main = processes.is_main
-    metrics_path = run_dir / "metrics.jsonl"
-    pos = Position()
-    order = epoch_order(len(run.data.dataset), t.seed, 0)
-    if resume and (run_dir / CHECKPOINT).exists():
-        pos, order = _restore(run, run_dir)
-        if main:
-            _truncate_metrics(metrics_path, pos.step)
-    elif main:
-        metrics_path.unlink(missing_ok=True)
-    if main:
-        dump_config(config, run_dir / "config.yaml")
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     bar = Progress(
@@ -296,7 +330,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     )
     task = bar.add_task(config.train.name, total=run.total_steps, completed=pos.step, losses="")
     images_seen, busy = 0, 0.0
-    with bar, (metrics_path.open("a") if main else contextlib.nullcontext()) as metrics:
+    with bar, ((run_dir / METRICS).open("a") if main else contextlib.nullcontext()) as metrics:
         while pos.step < run.total_steps:
             started = time.perf_counter()  # an epoch's set-up (IMLE's re-match) counts as training time
             if pos.batch == 0:
@@ -306,8 +340,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                                       config.data.num_workers, share=lambda b: local_share(b, processes))
             for batch in batches:
                 log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
-                stats = run.strategy.step(batch, pos.step, log)
-                _check_finite(stats, pos.step, run_dir)
+                save = (pos.step + 1) % t.checkpoint_every == 0 or pos.step + 1 == run.total_steps
+                try:
+                    stats = run.strategy.step(batch, pos.step, log)
+                except DivergenceError as err:  # a network output the step could not go on with
+                    raise _diverged(run_dir, pos.step + 1, str(err)) from None
+                _check_step(run, stats, pos.step + 1, run_dir, full=log or save)
                 pos.step += 1
                 pos.batch += 1
                 elapsed = time.perf_counter() - started
@@ -335,14 +373,13 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                         _log_evaluation(run, pos, metrics)
                     if pos.step % t.sample_every == 0:
                         write_samples(run, run_dir / "samples" / f"step_{pos.step:06d}.png")
-                    if pos.step % t.checkpoint_every == 0 or pos.step == run.total_steps:
+                    if save:
                         _save_checkpoint(run, run_dir, pos, order)
                 if pos.step >= run.total_steps or pos.batch == 0:
                     break
                 started = time.perf_counter()
     if main:
         write_samples(run, run_dir / "samples" / "final.png")
-    return run
 
 
 def load_trained(run_dir: Path) -> Run:

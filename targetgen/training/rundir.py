@@ -1,0 +1,255 @@
+"""Run directories: where a run lives, who may write it, what may be deleted, and its log.
+
+A run directory ``<out_dir>/<name>/`` holds ``config.yaml``, ``checkpoints/``,
+``metrics.jsonl``, ``samples/`` and, while a process trains it, ``.lock``.
+The guarantees (docs/reliability.md):
+
+* a run name is one path component, so a run directory always lies inside its out-dir;
+* ``--overwrite`` deletes only a targetgen run directory (``config.yaml`` and
+  ``checkpoints/``) inside the out-dir, and only once the config has been
+  validated and the directory locked;
+* one process at a time writes a run directory: the lock is an ``flock`` on
+  ``.lock``, which the kernel releases when its process dies, however it dies,
+  so a lock left by a killed run is never in the way;
+* ``metrics.jsonl`` survives a kill in the middle of a line: a torn last line
+  is ignored when read and dropped when the run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, RunDirectoryError
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT = f"{CHECKPOINTS}/last.pt"
+METRICS = "metrics.jsonl"
+LOCK = ".lock"
+
+
+# ----------------------------------------------------------------------------- names and places
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path component: no separator, not '.' or '..', not absolute."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+        raise ConfigError(
+            f"train.name: expected one folder name (no '/', not '.' or '..', not an absolute path), got {name!r}; "
+            "use --out-dir to choose where run directories go"
+        )
+    return name
+
+
+def is_run_directory(path: Path) -> bool:
+    """A folder targetgen made: it holds config.yaml and checkpoints/."""
+    return (path / CONFIG).is_file() and (path / CHECKPOINTS).is_dir()
+
+
+def _has_content(path: Path) -> bool:
+    return any(entry.name != LOCK for entry in path.iterdir())
+
+
+def planned_run_dir(out_dir: str | Path, name: str, overwrite: bool) -> Path:
+    """Where a new run goes, refusing anything that would lose work; deletes nothing.
+
+    Checked again, under the lock, by ``prepare_run_dir`` just before training.
+    """
+    out = Path(out_dir)
+    run_dir = out / check_run_name(name)
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out-dir {out} is a file, not a folder; choose a folder for run directories")
+    if run_dir.is_symlink():
+        raise RunDirectoryError(f"run directory {run_dir} is a symbolic link (to {os.readlink(run_dir)}); "
+                                "targetgen never writes or deletes through one; choose another --name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"{run_dir} is a file, not a run directory; choose another --name")
+    if run_dir.is_dir() and _has_content(run_dir):
+        check_not_in_use(run_dir)
+        if not overwrite:
+            raise RunDirectoryError(
+                f"run directory {run_dir} exists; continue it with --resume {run_dir}, "
+                "replace it with --overwrite, or choose another --name"
+            )
+        if not is_run_directory(run_dir):
+            raise RunDirectoryError(
+                f"--overwrite: {run_dir} is not a targetgen run directory (no config.yaml and checkpoints/); "
+                "nothing was deleted; choose another --name or remove it yourself"
+            )
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Empty (``overwrite``) or create ``run_dir`` for a new run; the caller holds its lock."""
+    if _has_content(run_dir):  # another process may have started a run here since it was planned
+        planned_run_dir(run_dir.parent, run_dir.name, overwrite)
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+
+
+def resumable_run_dir(run_dir: Path) -> Path:
+    """``run_dir`` if it is a run directory with a checkpoint to resume from."""
+    if not (run_dir / CONFIG).is_file():
+        raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no {CONFIG})")
+    check_not_in_use(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise RunDirectoryError(
+            f"--resume: {run_dir} has no checkpoint ({CHECKPOINT}): the run stopped before its first one; "
+            f"start it again with --config {run_dir / CONFIG} --overwrite"
+        )
+    return run_dir
+
+
+def _os_error(err: OSError, what: str) -> RunDirectoryError:
+    reason = err.strerror or type(err).__name__
+    return RunDirectoryError(f"cannot {what} {err.filename or ''}: {reason}".replace("  ", " "))
+
+
+def make_dir(path: Path) -> None:
+    """``mkdir -p`` with one-line errors (a file in the way, a read-only folder, a full disk)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _os_error(err, "create the run directory") from None
+
+
+# ----------------------------------------------------------------------------- one writer per run
+
+
+def _holder_pid(path: Path) -> int | None:
+    try:
+        return json.loads(path.read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return (f"process {info['pid']} on {info['host']} ({info.get('command', 'targetgen')}, "
+                f"started {info.get('started', '?')})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def run_lock(folder: Path, command: str = "targetgen train") -> Iterator[None]:
+    """Hold ``folder/.lock`` while the body runs; refuse at once if another process holds it.
+
+    ``flock`` is released by the kernel when its process ends, also on kill -9:
+    a lock whose process is gone is simply taken over. The file records the
+    holder's pid, host and start time for the refusal message.
+    """
+    import fcntl  # POSIX; targetgen's run directories are written on Linux and macOS
+
+    make_dir(folder)
+    path = folder / LOCK
+    try:
+        handle = open(path, "a+")
+    except OSError as err:
+        raise _os_error(err, "lock") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryError(f"{folder} is in use by {_holder(path)}; wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the flock; the file stays (removing it would race a waiting process)
+
+
+def check_not_in_use(folder: Path) -> None:
+    """Refuse at once, naming the holder, when another process holds ``folder``'s lock."""
+    import fcntl
+
+    path = folder / LOCK
+    if not path.is_file() or _holder_pid(path) == os.getpid():  # the lock this process holds is no obstacle
+        return
+    try:
+        with open(path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when closed
+    except BlockingIOError:
+        raise RunDirectoryError(f"{folder} is in use by {_holder(path)}; wait for it to finish or stop it") from None
+    except OSError:
+        pass  # unreadable lock file: run_lock reports it when it matters
+
+
+def remove_orphans(run_dir: Path) -> None:
+    """Temporary checkpoint files of a process killed while writing; only call under the lock."""
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl. A torn last line (a kill mid-write) is left out;
+    a broken line before the last is an error naming it."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                break
+            raise RunDirectoryError(f"{path}, line {number}: not a JSON record ({line[:60]!r}); "
+                                    "the log was edited or corrupted") from None
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (a resumed run redoes the rest); rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    partial.replace(path)
+
+
+# ----------------------------------------------------------------------------- a run's config
+
+
+def config_of_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()):
+    """The resolved config saved in ``run_dir``, with (only) length overrides applied."""
+    from ..config import Config, apply_override, from_dict, read_yaml
+
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no {CONFIG})")
+    raw = read_yaml(path)
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        if key not in ("train.steps", "train.epochs"):
+            raise ConfigError(
+                f"--set {key}: a resumed run keeps its config; only train.steps and train.epochs may change"
+            )
+        apply_override(raw, assignment)
+    return from_dict(Config, raw)
