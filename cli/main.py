@@ -113,30 +113,34 @@ def sample(
     out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("samples.png"),
     seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
 ) -> None:
-    """Write a grid of samples from the run's latest checkpoint."""
+    """Write a grid of samples from the run's latest checkpoint (the EMA generator when the run kept one).
+
+    Needs only the run's config.yaml and checkpoint, not its training data.
+    """
     import torch
 
-    from targetgen.models import latent_shape
+    from targetgen.data import load_data
     from targetgen.samples import generate, save_samples
-    from targetgen.training import load_trained
+    from targetgen.training import load_generator
 
     if n < 1:
         raise TargetgenError(f"--n: expected a positive number of samples, got {n}")
-    run = load_trained(run_dir)
-    z = torch.randn(n, *latent_shape(run.data.image_shape, run.config.model.nz), generator=torch.Generator().manual_seed(seed))
-    samples = generate(run.strategy.sampling_generator(), z.to(run.device))
-    data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
+    trained = load_generator(run_dir)
+    z = torch.randn(n, *trained.latent_shape, generator=torch.Generator().manual_seed(seed))
+    samples = generate(trained.sampling_generator, z.to(trained.device))
+    # 2-D points are drawn over their (synthetic, always available) data
+    data = load_data(trained.config.data).dataset.images if len(trained.image_shape) == 1 else None
     save_samples(samples, out, data, title=f"{run_dir.name}")
     console.print(f"wrote {n} samples to {out}")
 
 
 def _evaluation_options(base, metrics, features, n, seed, cache_dir, fid_weights):
-    """The run's evaluation section with the command line's choices on top."""
-    import dataclasses
+    """The run's evaluation section with the command line's choices on top, checked like a config."""
+    from targetgen.config import EvaluationConfig, from_dict, to_dict
 
     changes = {"metrics": metrics, "features": features, "n": n, "seed": seed,
                "cache_dir": str(cache_dir) if cache_dir else None, "fid_weights": str(fid_weights) if fid_weights else None}
-    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    return from_dict(EvaluationConfig, {**to_dict(base), **{k: v for k, v in changes.items() if v is not None}}, "evaluation")
 
 
 MetricsOption = Annotated[Optional[str], typer.Option(help="Comma-separated: fid, pr (precision/recall/density/coverage), modes (toy2d), classes (digits). Default: all that apply.")]
@@ -161,11 +165,14 @@ def evaluate(
 
     from rich.table import Table
 
+    from targetgen.evaluation import check_evaluation
     from targetgen.evaluation import evaluate as run_evaluation
-    from targetgen.training import load_trained
+    from targetgen.training import config_of_run, load_trained
 
+    config = config_of_run(run_dir)
+    options = _evaluation_options(config.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
+    check_evaluation(options, config.data)  # missing FID weights: said before the run is rebuilt
     run = load_trained(run_dir)
-    options = _evaluation_options(run.config.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
     results = run_evaluation(run, options, ema=ema)
     record = {"run": str(run_dir), "step": run.step, "ema": ema, "features": options.features, **results}
     (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")

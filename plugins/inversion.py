@@ -84,7 +84,8 @@ class DiscriminatorInversion(TargetGenerator):
         if options.d_loss == "wgan-gp" and context.world_size > 1:
             raise ConfigError("targets.options.d_loss: wgan-gp's gradient penalty needs double backward, which "
                               "DistributedDataParallel does not support; use bce, lsgan or hinge distributed")
-        self.regularizers = [(registry.load("regularizers", n), w) for n, w in options.regularizers.items() if w]
+        self.regularizers = [(registry.load("regularizers", n, f"targets.options.regularizers.{n}"), w)
+                             for n, w in options.regularizers.items() if w]
         # netD is what the discriminator step calls (inside DDP / autocast when configured);
         # inverse examples differentiate the plain network, in float32.
         self.netD = context.make_discriminator(sigmoid=options.d_loss == "bce").to(context.device)

@@ -205,6 +205,15 @@ def _torchvision(config: DataConfig, image_size: int, channels: int) -> Dataset:
     return IndexedDataset(base, len(base))
 
 
+def data_shape(config: DataConfig) -> tuple[int, ...]:
+    """The shape of one item of ``config``'s data, without reading any data (for sampling a trained run)."""
+    if config.name == "toy2d":
+        return (2,)
+    default_size, default_channels = DEFAULT_SHAPES[config.name]
+    size = config.image_size if config.image_size is not None else default_size
+    return (config.channels if config.channels is not None else default_channels, size, size)
+
+
 def load_data(config: DataConfig) -> TrainingData:
     """Open the data source ``config.name`` and fill in its default image shape."""
     if config.name == "toy2d":

@@ -59,7 +59,7 @@ def resolve_metrics(evaluation: EvaluationConfig, data: DataConfig, features: st
 
 
 def load_features(name: str, device: torch.device, fid_weights: str | None = None):
-    cls = registry.load("features", name)
+    cls = registry.load("features", name, "evaluation.features")
     return cls(device=device, weights=fid_weights) if name == "inception" and fid_weights else cls(device=device)
 
 
@@ -166,3 +166,13 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
         if "classes" in chosen:
             results.update(class_metrics(extractor.classify(samples)))
     return results
+
+
+def check_evaluation(evaluation: EvaluationConfig, data: DataConfig) -> None:
+    """Fail at once, before anything is built or trained, on bad metrics or missing FID weights."""
+    from .features import find_fid_weights
+
+    features = resolve_features(evaluation, data)
+    resolve_metrics(evaluation, data, features)
+    if features == "inception":
+        find_fid_weights(evaluation.fid_weights)

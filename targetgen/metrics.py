@@ -40,9 +40,28 @@ def feature_statistics(features: Tensor) -> Statistics:
 
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """pytorch-fid's Fréchet distance; what it prints or warns about a singular covariance product
+    becomes one warning that says what it means for the number."""
+    import contextlib
+    import io
+
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        warnings.simplefilter("always")
+        try:
+            value = float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+        except ValueError as err:  # "Imaginary component": sqrtm failed outright
+            value = math.nan
+            printed.write(str(err))
+    singular = printed.getvalue() or any("singular" in str(w.message).lower() for w in caught)
+    if singular:
+        warnings.warn(
+            "FID: the product of the two feature covariances is singular (some features never vary, or there are "
+            f"fewer samples than dimensions), so its matrix square root is approximate: the FID ({value:.4g}) is less "
+            "reliable and compares only with FIDs computed on the same samples", stacklevel=2)
+    return value
 
 
 # ----------------------------------------------------------------------------- precision / recall

@@ -65,14 +65,15 @@ def _check(kind: str, name: str, obj: object) -> None:
         raise TypeError(f"{obj!r} is not callable")
 
 
-def load(kind: str, name: str) -> object:
-    """Import and return the plugin ``name`` of group ``kind``."""
+def load(kind: str, name: str, key: str | None = None) -> object:
+    """Import and return the plugin ``name`` of group ``kind``; ``key`` is the config key that named it."""
     found = _entry_points(kind)
     if name not in found:
         valid = names(kind)
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise PluginError(f"unknown {kind} plugin '{name}'{hint} (available: {', '.join(valid) or 'none'})")
+        where = f"{key}: " if key else ""
+        raise PluginError(f"{where}unknown {kind} plugin '{name}'{hint} (available: {', '.join(valid) or 'none'})")
     candidates = found[name]
     if len(candidates) > 1:
         where = " and ".join(f"{_distribution(ep)} ({ep.value})" for ep in candidates)

@@ -33,7 +33,7 @@ class RegressionEngine:
         self.total_steps = total_steps
         # DDP averages gradients over processes; a summed loss must add them up instead
         self.sum_scale = float(world_size)
-        self.losses = [(registry.load("losses", name), weight) for name, weight in config.loss.items()]
+        self.losses = [(registry.load("losses", name, f"regression.loss.{name}"), weight) for name, weight in config.loss.items()]
         params = generator.parameters()
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=config.lr / config.steps, betas=config.betas)

@@ -351,3 +351,36 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped: interrupted; the last checkpoint (step ")
     assert lines[0].endswith(f"is kept; continue with: targetgen train --resume {tmp_path / 'long'}")
+
+
+# ----------------------------------------------------------------------------- sampling needs no data
+
+
+def test_sampling_a_run_needs_no_training_data(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(images / f"{i}.png")
+    code, _, err = cli_train(tmp_path, "--name", "folder", "--steps", "2", "--batch-size", "4", "--set", "data.name=folder",
+                             "--set", f"data.path={images}", "--set", "data.channels=3", "--set", "regression.ema=0.5")
+    assert code == 0, err
+    images.rename(tmp_path / "moved")
+    code, _, err = run_cli("sample", str(tmp_path / "runs" / "folder"), "--n", "4", "--out", str(tmp_path / "s.png"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "s.png").size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+def test_the_sampled_generator_is_the_runs_sampling_generator(tiny_config):
+    from targetgen.training import load_generator
+
+    config = tiny_config("train.steps=3", "regression.ema=0.5")
+    run = train(config, plan_run_dir(config), progress=False)
+    trained = load_generator(plan_run_dir(config, overwrite=True))
+    z = torch.randn(6, *trained.latent_shape)
+    from targetgen.samples import generate
+
+    expected = generate(run.strategy.sampling_generator(), z)
+    assert run.strategy.sampling_generator() is not run.generator  # the EMA copy, not the trained network
+    assert torch.equal(generate(trained.sampling_generator, z), expected) and trained.step == 3

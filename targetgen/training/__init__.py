@@ -9,7 +9,7 @@ built (``rundir``) must not wait for torch.
 from __future__ import annotations
 
 _EXPORTS = {
-    "Run": "trainer", "build_run": "trainer", "load_trained": "trainer", "plan_run_dir": "trainer",
+    "Run": "trainer", "build_run": "trainer", "load_generator": "trainer", "load_trained": "trainer", "plan_run_dir": "trainer",
     "resolve_device": "trainer", "train": "trainer", "write_samples": "trainer",
     "CHECKPOINT": "rundir", "config_of_run": "rundir",
 }

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import __version__, registry
 from ..api import TargetGenerator, TrainingContext
 from ..config import Config, dump_config, from_dict, to_dict
-from ..data import TrainingData, batches_per_epoch, epoch_order, iterate_batches, load_data
+from ..data import TrainingData, batches_per_epoch, data_shape, epoch_order, iterate_batches, load_data
 from ..distributed import Processes, average, check_batch, local_share, on_main, wrap
 from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..models import build_discriminator, build_generator, latent_shape
@@ -117,7 +117,7 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
         options = from_dict(StandardOptions, config.targets.options, "targets.options")
         strategy = StandardGAN(options, trained_G, make_discriminator(sigmoid=True), sample_latents)
     else:
-        source_cls = registry.load("targets", name)
+        source_cls = registry.load("targets", name, "targets.name")
         options = from_dict(source_cls.Options, config.targets.options, "targets.options")
         context = TrainingContext(
             generator=trained_G,
@@ -252,17 +252,6 @@ def _check_step(run: Run, stats: dict[str, float], step: int, run_dir: Path, ful
         raise _diverged(run_dir, step, f"{bad} is not finite")
 
 
-def _check_evaluation(config: Config) -> None:
-    """Fail before training, not at the first evaluation, on bad metrics or missing FID weights."""
-    from ..evaluation import resolve_features, resolve_metrics
-    from ..features import find_fid_weights
-
-    features = resolve_features(config.evaluation, config.data)
-    resolve_metrics(config.evaluation, config.data, features)
-    if features == "inception":
-        find_fid_weights(config.evaluation.fid_weights)
-
-
 def _log_evaluation(run: Run, pos: Position, metrics) -> None:
     """Evaluation results as their own metrics.jsonl line, keys prefixed with ``eval/``.
 
@@ -294,7 +283,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, overwrite: bool =
     resumes from the same checkpoint; rank 0 alone locks and writes anything.
     """
     if config.evaluation.every:  # rank 0 evaluates; its verdict reaches every process before any step
-        on_main(processes, lambda: _check_evaluation(config))
+        from ..evaluation import check_evaluation
+
+        on_main(processes, lambda: check_evaluation(config.evaluation, config.data))
     run = build_run(config, processes)
     with contextlib.ExitStack() as held:
 
@@ -382,8 +373,44 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, progress: bool)
         write_samples(run, run_dir / "samples" / "final.png")
 
 
+@dataclass
+class TrainedGenerator:
+    """A run's generator from its checkpoint, built without its data or target source."""
+
+    config: Config
+    generator: nn.Module  # the trained network
+    sampling_generator: nn.Module  # what samples come from: the EMA copy when the run kept one
+    latent_shape: tuple[int, ...]
+    image_shape: tuple[int, ...]
+    device: torch.device
+    step: int
+
+
+def load_generator(run_dir: Path) -> TrainedGenerator:
+    """The generator of ``run_dir``'s last checkpoint. Needs config.yaml and the checkpoint, never the
+    training data: a run can be sampled after its images have moved."""
+    config = config_of_run(run_dir)
+    state = load_checkpoint(resumable_run_dir(run_dir) / CHECKPOINT, targets=config.targets.name)
+    m = config.model
+    shape = data_shape(config.data)
+    device = resolve_device(config.train.device)
+    generator = build_generator(shape, m.nz, m.ngf, m.hidden).to(device)
+    sampling = generator
+    try:
+        generator.load_state_dict(state["generator"])
+        if config.targets.name != "standard" and config.regression.ema is not None:
+            engine = RegressionEngine(generator, config.regression, total_steps=1)
+            engine.load_state_dict(state["strategy"]["regression"])
+            sampling = engine.sampling_generator()
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT} does not fit the generator of "
+                              f"{run_dir / 'config.yaml'}: {first}") from None
+    return TrainedGenerator(config, generator, sampling, latent_shape(shape, m.nz), shape, device, state["step"])
+
+
 def load_trained(run_dir: Path) -> Run:
-    """Rebuild a run from its directory and load its latest checkpoint."""
+    """Rebuild a whole run (data, networks, target source) from its directory and load its latest checkpoint."""
     config = config_of_run(run_dir)
     run = build_run(config)
     run.step = _restore(run, run_dir)[0].step

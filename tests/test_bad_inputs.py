@@ -1,0 +1,125 @@
+"""Every bad input is one line that names the key, the value and what is expected: exit 2, no traceback.
+
+Each row runs the real CLI (in-process) on a tiny config and must fail before
+any training step, within a few seconds.
+"""
+
+import time
+
+import pytest
+
+from cli_helpers import run_cli
+from conftest import TINY
+
+TINY_SETS = [a for o in [*TINY, "train.steps=2"] for a in ("--set", o)]
+
+# (arguments after `targetgen train`, text the one line must contain: the key and the bad value)
+TRAIN = [
+    (["--set", "targets.options.d_lr=-1"], "targets.options.d_lr: expected a number > 0, got -1.0"),
+    (["--set", "regression.betas=[2,3]"], "regression.betas[0]: expected a number in [0, 1), got 2.0"),
+    (["--set", "regression.betas=[0.5]"], "regression.betas: expected a list of 2 numbers, got [0.5]"),
+    (["--set", "model.nz=0"], "model.nz: expected an integer >= 1, got 0"),
+    (["--set", "model.ngf=0"], "model.ngf: expected an integer >= 1, got 0"),
+    (["--set", "model.ndf=-3"], "model.ndf: expected an integer >= 1, got -3"),
+    (["--set", "evaluation.every=-5"], "evaluation.every: expected an integer >= 0, got -5"),
+    (["--batch-size", "5000"], "train.batch_size: 5000 is larger than the data set (1,797 images)"),
+    (["--set", "train.batch_size=0"], "train.batch_size: expected an integer >= 1, got 0"),
+    (["--set", "train.steps=0"], "train.steps: expected an integer >= 1, got 0"),
+    (["--set", "train.steps=1.5"], "train.steps: expected int or null, got 1.5"),
+    (["--set", "train.epochs=0"], "train.epochs: expected an integer >= 1, got 0"),
+    (["--set", "train.log_every=0"], "train.log_every: expected an integer >= 1, got 0"),
+    (["--set", "train.checkpoint_every=0"], "train.checkpoint_every: expected an integer >= 1, got 0"),
+    (["--set", "train.sample_every=-1"], "train.sample_every: expected an integer >= 1, got -1"),
+    (["--set", "train.batch_size=abc"], "train.batch_size: expected int, got 'abc'"),
+    (["--set", "train.drop_last=maybe"], "train.drop_last: expected bool, got 'maybe'"),
+    (["--set", "train.device=tpu"], "train.device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--set", "train.precision=fp8"], "train.precision: expected one of 'fp32', 'bf16', got 'fp8'"),
+    (["--set", "train.name=a/b"], "train.name: expected one folder name"),
+    (["--set", "regression.lr=0"], "regression.lr: expected a number > 0, got 0.0"),
+    (["--set", "regression.lr=inf"], "regression.lr: expected a finite number, got 'inf'"),
+    (["--set", "regression.lr=nan"], "regression.lr: expected a finite number, got 'nan'"),
+    (["--set", "regression.steps=0"], "regression.steps: expected an integer >= 1, got 0"),
+    (["--set", "regression.ema=1.5"], "regression.ema: expected a number in (0, 1), got 1.5"),
+    (["--set", "regression.momentum=-0.1"], "regression.momentum: expected a number in [0, 1), got -0.1"),
+    (["--set", "regression.loss={l2: -1}"], "regression.loss.l2: expected a number >= 0, got -1.0"),
+    (["--set", "regression.loss={}"], "regression.loss: give at least one loss"),
+    (["--set", "regression.loss={l3: 1}"], "regression.loss.l3: unknown losses plugin 'l3'"),
+    (["--set", "regression.optimizer=rmsprop"], "regression.optimizer: expected one of 'adam', 'sgd', got 'rmsprop'"),
+    (["--set", "regression.final_fraction=2"], "regression.final_fraction: expected a number in [0, 1], got 2.0"),
+    (["--set", "regression.reduction=max"], "regression.reduction: expected one of 'sum', 'mean', got 'max'"),
+    (["--set", "targets.options.lambda1=0"], "targets.options.lambda1: expected a number > 0, got 0.0"),
+    (["--set", "targets.options.steps=0"], "targets.options.steps: expected an integer >= 1, got 0"),
+    (["--set", "targets.options.discrepancy=kl"], "targets.options.discrepancy: expected one of 'bce', 'l2'"),
+    (["--set", "targets.options.regularizers={tv: -1}"], "targets.options.regularizers.tv: expected a number >= 0, got -1.0"),
+    (["--set", "targets.options.regularizers={tvv: 1}"], "targets.options.regularizers.tvv: unknown regularizers plugin 'tvv'"),
+    (["--set", "targets.options.lamda1=0.5"], "unknown key 'targets.options.lamda1'; did you mean 'lambda1'?"),
+    (["--set", "targets.options.gp_weight=-1"], "targets.options.gp_weight: expected a number >= 0, got -1.0"),
+    (["--targets", "nope"], "targets.name: unknown targets plugin 'nope'"),
+    (["--targets", "standard", "--set", "targets.options.g_lr=-2"], "targets.options.g_lr: expected a number > 0, got -2.0"),
+    (["--targets", "imle", "--set", "targets.options.samples_factor=0"], "targets.options.samples_factor: expected an integer >= 1, got 0"),
+    (["--targets", "imle", "--set", "targets.options.jitter=-1"], "targets.options.jitter: expected a number >= 0, got -1.0"),
+    (["--targets", "imle", "--set", "targets.options.backend=cuda"], "targets.options.backend: expected one of"),
+    (["--targets", "nearest", "--set", "targets.options.alpha=2"], "targets.options.alpha: expected a number in (0, 1], got 2.0"),
+    (["--targets", "nearest", "--set", "targets.options.k=100000"], "targets.options.k: expected 1 <= k <= 1797"),
+    (["--targets", "nearest", "--set", "targets.options.space=foo"], "targets.options.space: unknown space 'foo'"),
+    (["--targets", "nearest", "--set", "targets.options.memory_budget=0"], "targets.options.memory_budget: expected a number > 0, got 0.0"),
+    (["--set", "data.name=cifar11"], "data.name: expected one of"),
+    (["--set", "data.image_size=48"], "data.image_size: the DCGAN models support 16, 32, 64, 128 px, got 48"),
+    (["--set", "data.channels=2"], "data.channels: expected 1 or 3, got 2"),
+    (["--set", "data.num_workers=-1"], "data.num_workers: expected an integer >= 0, got -1"),
+    (["--set", "data.name=toy2d", "--set", "data.mixture=ring9"], "data.mixture: expected one of 'ring8', 'grid25', got 'ring9'"),
+    (["--set", "data.name=toy2d", "--set", "data.num_points=0"], "data.num_points: expected an integer >= 1, got 0"),
+    (["--set", "data.name=toy2d", "--set", "data.std=-1"], "data.std: expected a number > 0, got -1.0"),
+    (["--set", "evaluation.n=2"], "evaluation.n: expected an integer >= 4, got 2"),
+    (["--set", "evaluation.every=5", "--set", "evaluation.metrics=foo"], "evaluation.metrics: unknown metric 'foo'"),
+    (["--set", "nosuch.key=1"], "unknown key 'nosuch'"),
+    (["--set", "train=3"], "'train' is a value, not a section"),
+    (["--set", "noequals"], "--set 'noequals': expected section.key=value"),
+    (["--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["--resume", "no/such/run"], "no/such/run is not a targetgen run directory (no config.yaml)"),
+]
+
+
+@pytest.mark.parametrize("args, message", TRAIN, ids=[" ".join(a) for a, _ in TRAIN])
+def test_bad_training_input_is_one_line_naming_the_key(tmp_path, args, message):
+    started = time.perf_counter()
+    code, out, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, *args)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "digits-standard").exists() and not any(tmp_path.glob("*/checkpoints/*"))
+    assert time.perf_counter() - started < 10
+
+
+OTHER = [
+    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--jobs", "0"], "--jobs: expected at least 1 parallel run, got 0"),
+    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "0"], "--seeds: expected at least 1 seed, got 0"),
+    (["compare", "--out", "{tmp}/c", "--targets", "standard,imlee"], "unknown targets plugin 'imlee'"),
+    (["compare", "--out", "{tmp}/c", "--grid", "lambda1"], "--grid 'lambda1': expected section.key=v1,v2,..."),
+    (["sample", "{tmp}", "--n", "0"], "--n: expected a positive number of samples, got 0"),
+    (["evaluate", "{tmp}/none"], "is not a targetgen run directory (no config.yaml)"),
+]
+
+
+@pytest.mark.parametrize("args, message", OTHER, ids=[" ".join(a) for a, _ in OTHER])
+def test_bad_input_to_other_commands_is_one_line(tmp_path, args, message):
+    code, out, err = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and message in lines[0], err
+
+
+def test_evaluate_without_fid_weights_fails_before_building_the_run(tmp_path, monkeypatch):
+    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--name", "r", "--targets", "imle", "--steps", "1",
+                           "--no-progress", *TINY_SETS)
+    assert code == 0, err
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))
+    monkeypatch.delenv("TARGETGEN_FID_WEIGHTS", raising=False)
+    from targetgen.training import trainer
+
+    monkeypatch.setattr(trainer, "build_run", lambda *a, **k: pytest.fail("built the run before checking the weights"))
+    started = time.perf_counter()
+    code, _, err = run_cli("evaluate", str(tmp_path / "r"), "--features", "inception")
+    assert code == 2 and "FID needs pytorch-fid's Inception weights" in err and len(err.strip().splitlines()) == 1
+    assert time.perf_counter() - started < 5
