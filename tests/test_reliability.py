@@ -384,3 +384,33 @@ def test_the_sampled_generator_is_the_runs_sampling_generator(tiny_config):
     expected = generate(run.strategy.sampling_generator(), z)
     assert run.strategy.sampling_generator() is not run.generator  # the EMA copy, not the trained network
     assert torch.equal(generate(trained.sampling_generator, z), expected) and trained.step == 3
+
+
+def test_two_comparisons_in_one_folder(tmp_path):
+    out = tmp_path / "cmp"
+    command = [sys.executable, "-m", "targetgen.cli", "compare", "--out", str(out), "--targets", "standard",
+               "--no-progress", *[a for o in [*TINY, "train.steps=100000"] for a in ("--set", o)]]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while not (out / "plan.json").exists() and first.poll() is None:
+            time.sleep(0.05)
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"error: {out} is in use by process {first.pid} on {json.loads((out / '.lock').read_text())['host']} "
+            f"(targetgen compare, started {json.loads((out / '.lock').read_text())['started']}); "
+            "wait for it to finish or stop it"]
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+
+
+def test_the_command_line_is_checked_before_torch_is_imported():
+    """`targetgen --help` and config validation do not wait for torch (seconds on a cold start)."""
+    probe = ("import sys; from targetgen.cli import main; from targetgen.config import load_config; "
+             "from targetgen.training.rundir import planned_run_dir; load_config('configs/digits.yaml'); "
+             "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "False", result.stderr
