@@ -68,7 +68,7 @@ def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "folder", "celeba", "mnist", "fashion-mnist", "cifar10", "toy2d"] = "digits"
+    name: Literal["digits", "mnist5k", "folder", "celeba", "mnist", "fashion-mnist", "cifar10", "toy2d"] = "digits"
     image_size: int | None = None  # None: the source's default (digits 32, celeba 64, ...)
     channels: int | None = None  # None: the source's default (digits 1, celeba 3, ...)
     path: str | None = None  # folder / celeba: the image folder; torchvision sets: their root

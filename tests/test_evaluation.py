@@ -13,10 +13,13 @@ import torch
 from cli_helpers import run_cli
 from targetgen.config import EvaluationConfig
 from targetgen.data import load_data, mixture_means
-from targetgen.digits_classifier import held_out_accuracy
+from targetgen.config import DataConfig
+from targetgen.digits_classifier import RECIPES, held_out_accuracy
 from targetgen.errors import DataError
 from targetgen.evaluation import real_features
-from targetgen.features import FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, InceptionFeatures, find_fid_weights
+from targetgen.features import (
+    FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, InceptionFeatures, MnistFeatures, find_fid_weights,
+)
 from targetgen.metrics import (
     Statistics, class_metrics, feature_statistics, frechet_distance, mode_metrics, precision_recall_density_coverage,
 )
@@ -25,8 +28,17 @@ from targetgen.training import new_run_dir, train
 
 def test_shipped_digits_classifier_is_accurate_on_held_out_digits():
     features = DigitsFeatures()
-    assert held_out_accuracy(features.model) >= 0.97
+    assert held_out_accuracy(features.model, RECIPES["digits"]) >= 0.97
     assert features.dim == 64 and sum(p.numel() for p in DigitsCNN().parameters()) * 4 < 1024**2
+
+
+def test_shipped_mnist_classifier_is_accurate_on_its_1000_held_out_digits():
+    features = MnistFeatures()
+    assert RECIPES["mnist"].weights.stat().st_size < 1024**2
+    assert held_out_accuracy(features.model, RECIPES["mnist"]) >= 0.96  # 0.977 when trained (README)
+    images = load_data(DataConfig(name="mnist5k")).dataset.images[:100]
+    assert features(images).shape == (100, 64) and features.classify(images).shape == (100, 10)
+    assert features.version != DigitsFeatures().version  # caches keep the two spaces apart
 
 
 def test_frechet_distance_of_known_gaussians():
