@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from . import registry
+from . import jsonsafe, registry
 from .config import Config, apply_override, from_dict, read_yaml
 from .errors import ConfigError, TargetgenError
 from .training.standard import StandardOptions
@@ -394,7 +394,7 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
         "wall_s": wall_s, "resumed_from": resumed_from, "metrics": metrics,
     }
     partial = run_dir / "summary.json.partial"
-    partial.write_text(json.dumps(summary, indent=1) + "\n")
+    partial.write_text(jsonsafe.dumps(summary, indent=1) + "\n")
     partial.replace(run_dir / "summary.json")
     return summary
 

@@ -130,8 +130,10 @@ class RegressionConfig:
 @dataclass
 class EvaluationConfig:
     every: int = bounded(0, ge=0)  # evaluate every N training steps into metrics.jsonl; 0: only on demand
-    metrics: str = "auto"  # comma-separated: fid, pr, modes, classes; auto: all that apply
-    features: str = "auto"  # inception | digits | pixels | a plugin; auto: digits / pixels (toy2d) / inception
+    metrics: str = "auto"  # comma-separated: fid (with KID), pr, modes, classes; auto: all that apply
+    features: str = "auto"  # inception | digits | mnist | pixels | a plugin; auto: digits / mnist (mnist5k) / pixels (toy2d) / inception
+    # neighbours of the k-NN balls; None: precision/recall at k = 3 (Kynkäänniemi), density/coverage at k = 5 (Naeem)
+    k: int | None = bounded(None, ge=1)
     n: int = bounded(2048, ge=4)  # generated and real samples (the paper: 2048 vs 2048)
     seed: int = 0  # latents and the real subset; fixed so that evaluations compare
     cache_dir: str | None = None  # real statistics; None: ~/.cache/targetgen

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import registry
+from .. import jsonsafe, registry
 from ..api import TargetGenerator, TrainingContext
 from ..config import Config, dump_config, from_dict, to_dict, read_yaml
 from ..data import TrainingData, batches_per_epoch, epoch_order, iterate_batches, load_data
@@ -253,7 +253,7 @@ def _log_evaluation(run: Run, pos: Position, metrics) -> None:
 
     results = evaluate(run)
     record = {"step": pos.step, "epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds}
-    metrics.write(json.dumps({**record, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
+    metrics.write(jsonsafe.dumps({**record, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
     metrics.flush()
 
 
