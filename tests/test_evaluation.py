@@ -101,8 +101,12 @@ def test_prdc_metrics_equal_prdc_on_samples_copied_from_real_points():
 
 def test_prdc_metrics_equal_prdc_under_a_large_common_offset():
     # distances do not change under translation; float32 ‖a‖² + ‖b‖² − 2a·b loses them at +300
-    shifted = assert_equal_to_prdc(REAL + 300.0, FAKE + 300.0)
-    assert shifted == precision_recall_density_coverage(REAL, FAKE)
+    # (targetgen's metrics before they were rebuilt on float64 differences gave precision 0.395 here)
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(1000, 256, generator=g), torch.randn(800, 256, generator=g) + 0.1
+    shifted = assert_equal_to_prdc(real + 300.0, fake + 300.0)
+    assert shifted == precision_recall_density_coverage(real, fake)
+    assert shifted == pytest.approx({"precision": 0.4725, "recall": 0.544, "density": 0.74075, "coverage": 0.89}, abs=1e-12)
 
 
 def test_prdc_metrics_in_blocks_of_rows_are_identical(monkeypatch):
