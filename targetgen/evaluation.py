@@ -1,4 +1,4 @@
-"""Evaluate a generator: FID, precision/recall, density/coverage, modes, digit classes.
+"""Evaluate a generator: FID and KID, precision/recall, density/coverage, modes, digit classes.
 
 The paper's protocol by default: 2048 generated samples against 2048 real
 images drawn at random (all of them when there are fewer), both with a fixed
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,11 +25,15 @@ from . import registry
 from .config import Config, DataConfig, EvaluationConfig
 from .data import ImageFiles, IndexedDataset, TensorImages, TrainingData, iterate_batches, mixture_means, mixture_std
 from .errors import ConfigError
-from .metrics import Statistics, class_metrics, feature_statistics, frechet_distance, mode_metrics
-from .metrics import precision_recall_density_coverage
+from .metrics import DENSITY_COVERAGE_K, PRECISION_RECALL_K, Statistics, class_metrics, feature_statistics
+from .metrics import frechet_distance, kernel_inception_distance, mode_metrics, precision_recall_density_coverage
 from .samples import generate
 
 METRICS = ("fid", "pr", "modes", "classes")
+# The feature space that evaluation uses for a data source unless told otherwise; inception for the rest.
+DOMAIN_FEATURES = {"digits": "digits", "mnist5k": "mnist", "toy2d": "pixels"}
+# Why a metric can have no value; it is then null in the JSON files (``jsonsafe``) and n/a in tables.
+NO_VALUE_BECAUSE = {"mode_kl_to_uniform": "no high-quality samples", "class_kl_to_uniform": "no samples"}
 
 
 def default_cache_dir() -> Path:
@@ -38,14 +43,17 @@ def default_cache_dir() -> Path:
 def resolve_features(evaluation: EvaluationConfig, data: DataConfig) -> str:
     if evaluation.features != "auto":
         return evaluation.features
-    if data.name == "toy2d":
-        return "pixels"
-    return "digits" if data.name == "digits" else "inception"
+    return DOMAIN_FEATURES.get(data.name, "inception")
+
+
+def can_classify(features: str) -> bool:
+    """Whether the feature space ``features`` has a classifier (``classify``) for the class metrics."""
+    return hasattr(registry.load("features", features), "classify")
 
 
 def resolve_metrics(evaluation: EvaluationConfig, data: DataConfig, features: str) -> list[str]:
     if evaluation.metrics == "auto":
-        chosen = ["fid", "pr"] + (["modes"] if data.name == "toy2d" else []) + (["classes"] if features == "digits" else [])
+        chosen = ["fid", "pr"] + (["modes"] if data.name == "toy2d" else []) + (["classes"] if can_classify(features) else [])
     else:
         chosen = [m.strip() for m in evaluation.metrics.split(",") if m.strip()]
     for metric in chosen:
@@ -53,9 +61,22 @@ def resolve_metrics(evaluation: EvaluationConfig, data: DataConfig, features: st
             raise ConfigError(f"evaluation.metrics: unknown metric {metric!r}; expected some of {', '.join(METRICS)}")
     if "modes" in chosen and data.name != "toy2d":
         raise ConfigError("evaluation.metrics: 'modes' counts the modes of a toy2d mixture; these data are " + data.name)
-    if "classes" in chosen and features != "digits":
-        raise ConfigError("evaluation.metrics: 'classes' needs the digits classifier: use features digits")
+    if "classes" in chosen and not can_classify(features):
+        raise ConfigError(f"evaluation.metrics: 'classes' needs a feature space that classifies (digits, mnist), "
+                          f"got features {features!r}")
+    if "pr" in chosen:
+        needed = evaluation.k or max(PRECISION_RECALL_K, DENSITY_COVERAGE_K)
+        if evaluation.n <= needed:
+            raise ConfigError(f"evaluation.n: precision/recall/density/coverage with k = {needed} need more than "
+                              f"{needed} samples, got {evaluation.n}")
     return chosen
+
+
+def describe_value(metric: str, value: float | None) -> str:
+    """A metric's value for a table, or why it has none (e.g. ``n/a (no high-quality samples)``)."""
+    if value is None or not math.isfinite(value):
+        return f"n/a ({NO_VALUE_BECAUSE.get(metric, 'not finite')})"
+    return f"{value:.4g}"
 
 
 def load_features(name: str, device: torch.device, fid_weights: str | None = None):
@@ -158,11 +179,13 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
         fake = extractor(samples).float()
         if "fid" in chosen or "pr" in chosen:
             real = real_features(run.data, config.data, extractor, evaluation)
-            if "fid" in chosen:
-                name = "fid" if features_name == "inception" else f"fid_{features_name}"
-                results[name] = frechet_distance(feature_statistics(fake), real.statistics)
+            if "fid" in chosen:  # KID beside every FID, named alike: fid_digits, kid_digits, kid_digits_std
+                suffix = "" if features_name == "inception" else f"_{features_name}"
+                results[f"fid{suffix}"] = frechet_distance(feature_statistics(fake), real.statistics)
+                kid, kid_std = kernel_inception_distance(real.features, fake, seed=evaluation.seed)
+                results[f"kid{suffix}"], results[f"kid{suffix}_std"] = kid, kid_std
             if "pr" in chosen:
-                results.update(precision_recall_density_coverage(real.features, fake))
+                results.update(precision_recall_density_coverage(real.features, fake, evaluation.k))
         if "classes" in chosen:
             results.update(class_metrics(extractor.classify(samples)))
     return results

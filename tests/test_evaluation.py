@@ -1,5 +1,7 @@
-"""Metrics against known answers; FID pipeline, caching, the digits classifier, `targetgen evaluate`."""
+"""Metrics against known answers and against prdc; FID pipeline, caching, the digit classifiers, `targetgen evaluate`."""
 
+import contextlib
+import io
 import json
 import math
 import time
@@ -11,22 +13,36 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
-from targetgen.config import EvaluationConfig
+from targetgen import jsonsafe, metrics
+from targetgen.config import DataConfig, EvaluationConfig, load_config
 from targetgen.data import load_data, mixture_means
-from targetgen.digits_classifier import held_out_accuracy
-from targetgen.errors import DataError
-from targetgen.evaluation import real_features
-from targetgen.features import FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, InceptionFeatures, find_fid_weights
-from targetgen.metrics import (
-    Statistics, class_metrics, feature_statistics, frechet_distance, mode_metrics, precision_recall_density_coverage,
+from targetgen.digits_classifier import RECIPES, held_out_accuracy
+from targetgen.errors import ConfigError, DataError
+from targetgen.evaluation import fingerprint, real_features, resolve_features, resolve_metrics
+from targetgen.features import (
+    FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, InceptionFeatures, MnistFeatures, find_fid_weights,
 )
+from targetgen.metrics import (
+    Statistics, class_metrics, feature_statistics, frechet_distance, kernel_inception_distance, kl_to_uniform,
+    mode_metrics, precision_recall_density_coverage,
+)
+from targetgen.report import metric_stats, Group
 from targetgen.training import plan_run_dir, train
 
 
 def test_shipped_digits_classifier_is_accurate_on_held_out_digits():
     features = DigitsFeatures()
-    assert held_out_accuracy(features.model) >= 0.97
+    assert held_out_accuracy(features.model, RECIPES["digits"]) >= 0.97
     assert features.dim == 64 and sum(p.numel() for p in DigitsCNN().parameters()) * 4 < 1024**2
+
+
+def test_shipped_mnist_classifier_is_accurate_on_its_1000_held_out_digits():
+    features = MnistFeatures()
+    assert RECIPES["mnist"].weights.stat().st_size < 1024**2
+    assert held_out_accuracy(features.model, RECIPES["mnist"]) >= 0.96  # 0.977 when trained (README)
+    images = load_data(DataConfig(name="mnist5k")).dataset.images[:100]
+    assert features(images).shape == (100, 64) and features.classify(images).shape == (100, 10)
+    assert features.version != DigitsFeatures().version  # caches keep the two spaces apart
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -42,36 +58,151 @@ def test_statistics_warn_when_samples_do_not_exceed_the_dimension():
         feature_statistics(torch.randn(8, 16))
 
 
-def reference_prdc(real, fake, k):
-    """Straight from the papers' definitions, with loops."""
-    def radii(x):
-        return [sorted(((x[i] - x[j]) ** 2).sum().item() for j in range(len(x)))[k] for i in range(len(x))]
+def prdc_reference(real, fake, k):
+    """prdc's own compute_prdc (it prints a line; kept out of the test output)."""
+    import prdc
 
-    rr, fr = radii(real), radii(fake)
-    d = lambda a, b: ((a - b) ** 2).sum().item()  # noqa: E731
-    precision = np.mean([any(d(f, r) <= rr[i] for i, r in enumerate(real)) for f in fake])
-    recall = np.mean([any(d(r, f) <= fr[j] for j, f in enumerate(fake)) for r in real])
-    density = sum(d(f, r) <= rr[i] for f in fake for i, r in enumerate(real)) / (k * len(fake))
-    coverage = np.mean([min(d(r, f) for f in fake) <= rr[i] for i, r in enumerate(real)])
-    return {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+    with contextlib.redirect_stdout(io.StringIO()):
+        return {key: float(value) for key, value in prdc.compute_prdc(real.numpy(), fake.numpy(), nearest_k=k).items()}
 
 
-def test_precision_recall_density_coverage_equal_a_brute_force_reference():
+def assert_equal_to_prdc(real, fake):
+    """Our defaults (precision/recall at k = 3, density/coverage at k = 5) and one k for all, against prdc."""
+    ours, k3, k5 = precision_recall_density_coverage(real, fake), prdc_reference(real, fake, 3), prdc_reference(real, fake, 5)
+    want = {"precision": k3["precision"], "recall": k3["recall"], "density": k5["density"], "coverage": k5["coverage"]}
+    assert ours == pytest.approx(want, rel=0, abs=1e-12)
+    assert precision_recall_density_coverage(real, fake, k=4) == pytest.approx(prdc_reference(real, fake, 4), rel=0, abs=1e-12)
+    return ours
+
+
+g = torch.Generator().manual_seed(0)
+REAL = torch.randn(300, 16, generator=g)
+FAKE = torch.randn(250, 16, generator=g) * 0.8 + 0.3
+
+
+def test_prdc_metrics_equal_prdc_on_continuous_data():
+    ours = assert_equal_to_prdc(REAL, FAKE)
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1 and 0 < ours["coverage"] < 1
+    assert ours == pytest.approx({"precision": 0.916, "recall": 134 / 300, "density": 1.5112, "coverage": 286 / 300}, abs=1e-12)
+
+
+def test_prdc_metrics_equal_prdc_on_ties_generated_equal_to_real():
+    # strict < with one set of distances: each point lies in its own ball and in those of the k − 1
+    # neighbours closer than the k-th, so density is exactly 1 (with <=: (k + 1) / k)
+    ours = assert_equal_to_prdc(REAL, REAL.clone())
+    assert ours == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+
+
+def test_prdc_metrics_equal_prdc_on_samples_copied_from_real_points():
+    copied = REAL[torch.randint(len(REAL), (250,), generator=torch.Generator().manual_seed(1))]
+    ours = assert_equal_to_prdc(REAL, copied)
+    assert ours["precision"] == 1.0 and ours["coverage"] < 1.0
+
+
+def test_prdc_metrics_equal_prdc_under_a_large_common_offset():
+    # distances do not change under translation; float32 ‖a‖² + ‖b‖² − 2a·b loses them at +300
+    # (targetgen's metrics before they were rebuilt on float64 differences gave precision 0.395 here)
     g = torch.Generator().manual_seed(0)
-    real, fake = torch.randn(40, 3, generator=g), torch.randn(30, 3, generator=g) * 0.7 + 1.0
-    got = precision_recall_density_coverage(real, fake, k=3)
-    want = reference_prdc(real.double(), fake.double(), 3)
-    for key in want:
-        assert got[key] == pytest.approx(want[key], abs=1e-12), key
-    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+    real, fake = torch.randn(1000, 256, generator=g), torch.randn(800, 256, generator=g) + 0.1
+    shifted = assert_equal_to_prdc(real + 300.0, fake + 300.0)
+    assert shifted == precision_recall_density_coverage(real, fake)
+    assert shifted == pytest.approx({"precision": 0.4725, "recall": 0.544, "density": 0.74075, "coverage": 0.89}, abs=1e-12)
+
+
+def test_prdc_metrics_in_blocks_of_rows_are_identical(monkeypatch):
+    whole = precision_recall_density_coverage(REAL, FAKE)
+    monkeypatch.setattr(metrics, "DISTANCE_CHUNK_BYTES", 8 * 300 * 7)  # 7 rows per block
+    assert precision_recall_density_coverage(REAL, FAKE) == whole
 
 
 def test_identical_sets_score_one_and_disjoint_sets_zero():
     x = torch.randn(200, 8)
     same = precision_recall_density_coverage(x, x.clone())
-    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    assert same["precision"] == same["recall"] == same["coverage"] == same["density"] == 1.0
     far = precision_recall_density_coverage(x, x + 1000.0)
     assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    with pytest.raises(ValueError, match="k = 5 need more than 5"):
+        precision_recall_density_coverage(x[:5], x[:5])
+
+
+# ----------------------------------------------------------------------------- KID
+
+
+def plain_unbiased_mmd2(x, y):
+    """Unbiased MMD² with k(a, b) = (aᵀb/d + 1)³, pair by pair in plain Python."""
+    m, d = len(x), len(x[0])
+    k = lambda a, b: (sum(p * q for p, q in zip(a, b)) / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(a, b) for a in x for b in y) / m**2
+    return xx + yy - 2 * xy
+
+
+def test_kid_of_whole_sets_equals_the_plain_formula():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(25, 4, generator=g, dtype=torch.float64), torch.randn(25, 4, generator=g, dtype=torch.float64) + 0.5
+    kid, std = kernel_inception_distance(real, fake, subsets=3, subset_size=25)  # every subset is the whole set
+    assert kid == pytest.approx(plain_unbiased_mmd2(fake.tolist(), real.tolist()), rel=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12) and kid > 0
+
+
+# Samples on four points: MMD² has closed forms over the points' kernel matrix.
+SUPPORT = torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, 2, 0], [1, 1, 1]], dtype=torch.float64)
+KERNEL = (SUPPORT @ SUPPORT.T / 3 + 1) ** 3
+
+
+def population_mmd2(p, q):
+    return (p @ KERNEL @ p + q @ KERNEL @ q - 2 * p @ KERNEL @ q).item()
+
+
+def whole_sample_mmd2(x, y):
+    """The unbiased MMD² of two whole samples, from how often each point occurs in them.
+
+    A random subset's estimate has exactly this expectation: the value an unbiased KID must average to.
+    """
+    cx, cy = ((s.unsqueeze(1) == SUPPORT).all(dim=2).double().sum(dim=0) for s in (x, y))
+
+    def within(c):
+        n = c.sum()
+        return (c @ KERNEL @ c - c @ KERNEL.diagonal()) / (n * (n - 1))  # pairs of different draws
+
+    return (within(cx) + within(cy) - 2 * (cx @ KERNEL @ cy) / (cx.sum() * cy.sum())).item()
+
+
+def draw(p, n, seed):
+    return SUPPORT[torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(seed))]
+
+
+def biased_v_statistic(real, fake, subsets, size):
+    g = torch.Generator().manual_seed(2)
+    k = lambda a, b: (a @ b.T / 3 + 1) ** 3  # noqa: E731
+    values = []
+    for _ in range(subsets):
+        x, y = fake[torch.randperm(len(fake), generator=g)[:size]], real[torch.randperm(len(real), generator=g)[:size]]
+        values.append((k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()).item())
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("q, population", [([0.4, 0.3, 0.2, 0.1], 0.0), ([0.1, 0.2, 0.3, 0.4], 2087 / 2700)])
+def test_kid_is_unbiased_on_samples_with_a_known_mmd(q, population):
+    # small subsets (10 points) make the biased V-statistic's offset large: KID must not have it
+    p, q = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
+    real, fake = draw(p, 4000, 0), draw(q, 4000, 1)
+    expected = whole_sample_mmd2(fake, real)
+    assert population_mmd2(q, p) == pytest.approx(population, abs=1e-12) and expected == pytest.approx(population, abs=0.05)
+    kid, std = kernel_inception_distance(real, fake, subsets=2000, subset_size=10)
+    standard_error = std / math.sqrt(2000)
+    assert abs(kid - expected) < 3 * standard_error and standard_error < 0.03
+    assert biased_v_statistic(real, fake, 2000, 10) - expected > 10 * standard_error
+    assert (kid > 0.7) == (population > 0)
+
+
+def test_kid_subsets_are_seeded_and_leave_the_global_rng_alone():
+    state = torch.get_rng_state()
+    first = kernel_inception_distance(REAL, FAKE, subsets=20, subset_size=50, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert kernel_inception_distance(REAL, FAKE, subsets=20, subset_size=50, seed=3) == first
+    assert kernel_inception_distance(REAL, FAKE, subsets=20, subset_size=50, seed=4) != first
 
 
 def test_mode_metrics_on_the_true_mixture_and_on_one_mode():
@@ -187,7 +318,7 @@ def test_evaluate_a_digits_run_and_evaluation_during_training(tiny_config, tmp_p
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [line for line in lines if "eval/fid_digits" in line]
     assert [line["step"] for line in evaluated] == [2, 4]
-    assert {"eval/precision", "eval/recall", "eval/classes_covered"} <= evaluated[0].keys()
+    assert {"eval/precision", "eval/recall", "eval/classes_covered", "eval/kid_digits", "eval/kid_digits_std"} <= evaluated[0].keys()
 
     code, out, err = run_cli("evaluate", str(run_dir), "--ema", "--n", "200")
     assert code == 0, err
@@ -202,9 +333,11 @@ def test_evaluate_modes_on_toy2d_and_bad_choices(tiny_config, tmp_path):
     code, out, err = run_cli("evaluate", str(run_dir), "--n", "500", "--cache-dir", str(tmp_path / "c"))
     assert code == 0, err
     result = json.loads((run_dir / "eval.json").read_text())
-    assert result["modes_total"] == 25 and "fid_pixels" in result
+    assert result["modes_total"] == 25 and "fid_pixels" in result and result["kid_pixels"] > 0
     code, _, err = run_cli("evaluate", str(run_dir), "--metrics", "fid,classes")
-    assert code == 2 and "'classes' needs the digits classifier" in err
+    assert code == 2 and "'classes' needs a feature space that classifies (digits, mnist), got features 'pixels'" in err
+    code, _, err = run_cli("evaluate", str(run_dir), "--n", "5")
+    assert code == 2 and "evaluation.n: precision/recall/density/coverage with k = 5 need more than 5 samples, got 5" in err
     code, _, err = run_cli("evaluate", str(run_dir), "--ema")
     assert code == 2 and "keeps no EMA generator" in err
 
@@ -217,3 +350,77 @@ def test_training_with_inception_evaluation_but_no_weights_fails_before_the_firs
     with pytest.raises(DataError, match=FID_WEIGHTS_FILE):
         train(config, run_dir, progress=False)
     assert not (run_dir / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- mnist5k, k, and values that do not exist
+
+
+def test_mnist5k_runs_are_evaluated_in_the_mnist_space(tiny_config, tmp_path):
+    config = tiny_config("data.name=mnist5k", "train.steps=2", "evaluation.n=300")
+    assert resolve_features(config.evaluation, config.data) == "mnist"
+    assert resolve_metrics(config.evaluation, config.data, "mnist") == ["fid", "pr", "classes"]
+    run_dir = plan_run_dir(config, False)
+    train(config, run_dir, progress=False)
+    code, out, err = run_cli("evaluate", str(run_dir), "--cache-dir", str(tmp_path / "c"))
+    assert code == 0, err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["fid_mnist"] > 0 and result["kid_mnist"] > 0 and result["kid_mnist_std"] > 0
+    assert {"precision", "recall", "density", "coverage", "classes_covered", "mean_confidence"} <= result.keys()
+    assert len(list((tmp_path / "c").glob("mnist5k-mnist-n300-1x16x16-*.npz"))) == 1
+
+
+def test_the_data_fingerprint_covers_mnist5k():
+    digits, mnist = DataConfig(name="digits", image_size=16), DataConfig(name="mnist5k", image_size=16)
+    mnist_data = load_data(mnist)
+    assert fingerprint(mnist_data, mnist) != fingerprint(load_data(digits), digits)
+    assert fingerprint(mnist_data, mnist) == fingerprint(load_data(DataConfig(name="mnist5k", image_size=16)), mnist)
+    mnist_data.dataset.images[0, 0, 8, 8] += 0.5  # the content, not only the config, is hashed
+    assert fingerprint(mnist_data, mnist) != fingerprint(load_data(DataConfig(name="mnist5k", image_size=16)), mnist)
+
+
+def test_evaluation_k_is_one_k_for_all_four_metrics_when_set(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="evaluation.k: expected an integer >= 1, got 0"):
+        load_config(None, ["evaluation.k=0"])
+    assert load_config(None, []).evaluation.k is None
+    config = tiny_config("train.steps=1", "evaluation.n=100", "evaluation.metrics=pr", "evaluation.features=pixels",
+                         "evaluation.k=2", f"evaluation.cache_dir={tmp_path}")
+    run_dir = plan_run_dir(config, False)
+    run = train(config, run_dir, progress=False)
+    from targetgen.evaluation import evaluate, generated_samples
+
+    got = evaluate(run)
+    real = real_features(run.data, config.data, load_features_pixels(), config.evaluation).features
+    fake = generated_samples(run.generator, tuple(run.fixed_noise.shape[1:]), 100, 0, run.device).flatten(1)
+    assert {k: got[k] for k in ("precision", "recall", "density", "coverage")} == pytest.approx(
+        prdc_reference(real, fake, 2), rel=0, abs=1e-12)
+
+
+def load_features_pixels():
+    from targetgen.features import PixelFeatures
+
+    return PixelFeatures()
+
+
+def test_results_without_a_finite_value_are_null_in_json_and_explained_in_the_table(tiny_config, tmp_path):
+    assert kl_to_uniform(torch.zeros(8)) == math.inf
+    assert jsonsafe.dumps({"a": math.inf, "b": [math.nan, 1.5], "c": {"d": -math.inf}}) == \
+        '{"a": null, "b": [null, 1.5], "c": {"d": null}}'
+    with pytest.raises(ValueError):
+        json.dumps(math.inf, allow_nan=False)  # what jsonsafe.dumps relies on for anything it does not convert
+
+    # modes σ = 0.001 wide: after 2 steps no sample lies within 3σ of one, the KL of the empty histogram is inf
+    config = tiny_config("data.name=toy2d", "data.mixture=ring8", "data.std=0.001", "data.num_points=500",
+                         "train.steps=2", "evaluation.every=2", "evaluation.n=200", f"evaluation.cache_dir={tmp_path}")
+    run_dir = plan_run_dir(config, False)
+    train(config, run_dir, progress=False)
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # strict JSON: no Infinity
+    assert logged["eval/high_quality_share"] == 0 and logged["eval/mode_kl_to_uniform"] is None
+    code, out, err = run_cli("evaluate", str(run_dir))
+    assert code == 0, err
+    assert json.loads((run_dir / "eval.json").read_text())["mode_kl_to_uniform"] is None
+    assert "n/a (no high-quality samples)" in out
+
+    # the comparison report skips missing values in its means
+    summaries = [{"metrics": {"mode_kl_to_uniform": None}}, {"metrics": {"mode_kl_to_uniform": 0.5}}]
+    stats = metric_stats([Group("inversion", "inversion", False, summaries)], "mode_kl_to_uniform")
+    assert stats["inversion"].mean == 0.5 and stats["inversion"].n == 1

@@ -8,7 +8,6 @@ regression engine).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import __version__, registry
+from .. import __version__, jsonsafe, registry
 from ..api import TargetGenerator, TrainingContext
-from ..config import Config, dump_config, from_dict, to_dict
+from ..config import Config, DataConfig, dump_config, from_dict, to_dict
 from ..data import TrainingData, batches_per_epoch, data_shape, epoch_order, iterate_batches, load_data
 from ..distributed import Processes, average, check_batch, local_share, on_main, wrap
 from ..errors import CheckpointError, ConfigError, DivergenceError
@@ -48,6 +47,14 @@ def resolve_device(name: str, processes: Processes = Processes()) -> torch.devic
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+PROCESS_THREADS = torch.get_num_threads()  # torch's default for this process, before any run changes it
+
+
+def default_threads(data: DataConfig) -> int:
+    """CPU threads when train.threads is unset (benchmarks/threads.py measures the choice)."""
+    return 1 if data.name == "toy2d" else PROCESS_THREADS
 
 
 def _check_gpu_options(config: Config, device: torch.device) -> None:
@@ -84,6 +91,8 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
     t, m = config.train, config.model
     device = resolve_device(t.device, processes)
     _check_gpu_options(config, device)
+    t.threads = t.threads or default_threads(config.data)
+    torch.set_num_threads(t.threads)
     check_batch(t.batch_size, t.drop_last, processes)
     seed_everything(t.seed)
     data = load_data(config.data)
@@ -262,7 +271,7 @@ def _log_evaluation(run: Run, pos: Position, metrics) -> None:
 
     results = evaluate(run)
     record = {"step": pos.step, "epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds}
-    metrics.write(json.dumps({**record, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
+    metrics.write(jsonsafe.dumps({**record, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
     metrics.flush()
 
 
@@ -352,7 +361,7 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, progress: bool)
                 if log and main:
                     record = {"step": pos.step, "epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds,
                               "images_per_s": images_seen / max(busy, 1e-9), **stats}
-                    metrics.write(json.dumps(record) + "\n")
+                    metrics.write(jsonsafe.dumps(record) + "\n")
                     metrics.flush()
                     shown = ("d_loss", "g_loss", "regression_loss", "target_reach")
                     bar.update(task, losses=" ".join(f"{k}={stats[k]:.3g}" for k in shown if k in stats))
