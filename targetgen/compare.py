@@ -429,9 +429,11 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True) -> Outcome:
     if outcome.skipped:
         console.print(f"{len(outcome.skipped)} of {len(plan.runs)} runs already finished: skipped")
     env = dict(os.environ)
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    share = max(1, (os.cpu_count() or 1) // jobs)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # share the cores instead of oversubscribing them:
-        env[var] = threads  # runs with train.threads unset use this many (toy2d's MLPs use 1)
+        # runs with train.threads unset use this many (toy2d's MLPs use 1); a smaller count the user set stays
+        given = env.get(var, "")
+        env[var] = str(min(share, int(given)) if given.isdigit() and int(given) > 0 else share)
 
     bar = Progress(
         TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
