@@ -1,7 +1,8 @@
 """Discriminator inversion (Algorithm 1 of Weber, "Exploiting the Hidden Tasks of GANs").
 
-Each step: train the discriminator once on real vs generated data, then turn
-its label "real" into data-space targets by N1 gradient steps on the samples:
+Each step: train the discriminator on real vs generated data (the update
+phase, ``targets.d_steps`` times), then turn its label "real" into data-space
+targets by N1 gradient steps on the samples (the propose phase):
 
     x' ← x' − (λ1 / N1) ∇x' [ δ1(D(x'), real) + Σ wᵣ Rᵣ(x', x) ]
 
@@ -94,14 +95,17 @@ class DiscriminatorInversion(TargetGenerator):
 
     # -- the step ---------------------------------------------------------------------------
 
+    def update(self, batch: Batch, step: int) -> dict[str, float]:
+        """Phase 1: one discriminator step on the batch against the step's samples."""
+        return self.update_discriminator(batch.images.to(self.context.device), self.generated(batch).x.detach())
+
     def propose(self, batch: Batch, step: int) -> Targets:
-        real = batch.images.to(self.context.device)
-        z = self.context.sample_latents(real.size(0))
-        fake = self.context.generator(z)  # kept with its graph: the regression reuses it
-        stats = self.update_discriminator(real, fake.detach())
+        """Phase 2: inverse examples of the step's samples (the discriminator is only read)."""
+        generated = self.generated(batch)
+        fake = generated.x  # with its graph: the regression reuses it
         x_prime, d_before = self.inverse_examples(fake.detach(), step)
-        stats.update(d_fake_before_inversion=d_before, lambda1=self.lambda1(step))
-        return Targets(z=z, x=x_prime, stats=stats, prediction=fake)
+        stats = {"d_fake_before_inversion": d_before, "lambda1": self.lambda1(step)}
+        return Targets(z=generated.z, x=x_prime, stats=stats, prediction=fake)
 
     def update_discriminator(self, real: Tensor, fake: Tensor) -> dict[str, float]:
         """One discriminator step, the real and fake terms backpropagated in turn as in the tutorial."""
@@ -148,7 +152,8 @@ class DiscriminatorInversion(TargetGenerator):
         d_before = 0.0
         for i in range(o.steps):
             x = x.detach().requires_grad_(True)
-            output = require_finite(netD(x).view(-1), "D(x') during inversion")
+            # the discriminator is read, never changed: its BatchNorm statistics stay as the update left them
+            output = require_finite(forward_preserving_buffers(netD, x).view(-1), "D(x') during inversion")
             if i == 0:
                 d_before = output.mean().item()
             delta1 = discrepancy(output, o.discrepancy, probabilities)

@@ -51,8 +51,8 @@ class NearestTargets(TargetGenerator):
         return images.mean(dim=1).to(self.context.device)
 
     def propose(self, batch: Batch, step: int) -> Targets:
-        z = self.context.sample_latents(batch.images.size(0))
-        fake = self.context.generator(z)  # kept with its graph: the regression reuses it
+        generated = self.generated(batch)
+        z, fake = generated.z, generated.x  # fake keeps its graph: the regression reuses it
         distance, indices = self.index.search(self.space(fake.detach()), self.options.k)
         # lerp(x, nn, 1) is nn exactly (x + 1·(nn − x) need not be, in floating point)
         x_prime = torch.lerp(fake.detach(), self.neighbours(indices), self.options.alpha)

@@ -2,7 +2,7 @@
 
 The public API for target-source plugins::
 
-    from targetgen import TargetGenerator, Targets, Batch, TrainingContext, bounded
+    from targetgen import TargetGenerator, Targets, Batch, Generated, TrainingContext, bounded
 
 Imported lazily, so that ``targetgen --help`` and config validation do not
 wait for torch.
@@ -11,7 +11,7 @@ wait for torch.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "TargetGenerator", "Targets", "TrainingContext", "bounded", "__version__"]
+__all__ = ["Batch", "Generated", "TargetGenerator", "Targets", "TrainingContext", "bounded", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,7 +19,7 @@ def __getattr__(name: str):
         from .config import bounded
 
         return bounded
-    if name in ("Batch", "TargetGenerator", "Targets", "TrainingContext"):
+    if name in ("Batch", "Generated", "TargetGenerator", "Targets", "TrainingContext"):
         from . import api
 
         return getattr(api, name)

@@ -3,6 +3,12 @@
 A target source proposes, for latent inputs ``z``, data-space targets ``x'``;
 the shared regression engine then fits the generator to the ``(z, x')`` pairs.
 Everything a plugin needs is importable from ``targetgen`` directly.
+
+Contract version 2 (docs/plugins.md): a training step runs named phases —
+the source's ``update`` (``targets.d_steps`` times: train what the source owns,
+such as a discriminator), then its ``propose`` (no side effects), then the
+regression. Version 1 sources, which trained their discriminator inside
+``propose``, still run unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -19,12 +26,34 @@ from torch.utils.data import Dataset
 from .errors import DivergenceError
 
 
+class Generated:
+    """A step's latents and the generator's samples from them, each made on first use.
+
+    The update and propose phases of one step read the same object, so the
+    discriminator is trained on the very samples that are then inverted, as
+    in the GAN step. A source that never reads it (IMLE) costs nothing.
+    """
+
+    def __init__(self, generator: nn.Module, sample_latents: Callable[[int], Tensor], count: int):
+        self._generator, self._sample_latents, self._count = generator, sample_latents, count
+
+    @cached_property
+    def z(self) -> Tensor:
+        return self._sample_latents(self._count)
+
+    @cached_property
+    def x(self) -> Tensor:
+        """generator(z), with its autograd graph: the regression engine reuses it for its first step."""
+        return self._generator(self.z)
+
+
 @dataclass
 class Batch:
-    """A batch of real data."""
+    """A batch of real data, and the step's generated samples."""
 
     images: Tensor  # real images, N×C×H×W in [-1, 1] (N×2 points for toy2d)
     indices: Tensor  # their positions in the dataset (IMLE needs them)
+    generated: Generated | None = None  # set by the training loop; see TargetGenerator.generated
 
 
 @dataclass
@@ -87,9 +116,27 @@ class TargetGenerator(ABC):
         self.options = options
         self.context = context
 
+    def update(self, batch: Batch, step: int) -> dict[str, float]:
+        """Phase 1, run ``targets.d_steps`` times per step: train what the source owns (a
+        discriminator, say) and return statistics for the log. Default: nothing to train."""
+        return {}
+
     @abstractmethod
     def propose(self, batch: Batch, step: int) -> Targets:
-        """Return targets for this step; ``batch`` holds the real data of the step."""
+        """Phase 2: targets for this step, without side effects on the source's own state.
+        ``batch`` holds the real data of the step and, through ``self.generated(batch)``, its samples."""
+
+    def generated(self, batch: Batch) -> Generated:
+        """The step's latents and samples: the training loop's, shared by ``update`` and ``propose``;
+        drawn from the context when a batch comes without them (tests, ``targetgen probe``)."""
+        if batch.generated is None:
+            batch.generated = Generated(self.context.generator, self.context.sample_latents, len(batch.images))
+        return batch.generated
+
+    @classmethod
+    def trains_in_update(cls) -> bool:
+        """Whether this source has an update phase of its own (``targets.d_steps`` > 1 needs one)."""
+        return cls.update is not TargetGenerator.update
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first batch of every epoch (0-based)."""

@@ -115,6 +115,9 @@ class TrainConfig:
 class TargetsConfig:
     name: str = "inversion"  # "standard" or a plugin of the targetgen.targets group
     options: dict[str, Any] = field(default_factory=dict)  # checked against the source's Options
+    # Discriminator steps per generator step (n_critic; WGAN-GP is usually trained with 5): the source's
+    # update phase (the standard GAN's D step) runs this often, each time on fresh latents and the step's batch.
+    d_steps: int = bounded(1, ge=1)
 
 
 @dataclass

@@ -139,7 +139,9 @@ def train_toy(
     data_order = torch.Generator().manual_seed(seed)
     for step in range(steps):
         indices = torch.randint(len(points), (batch_size,), generator=data_order)
-        targets = source.propose(Batch(points[indices], indices), step)
+        batch = Batch(points[indices], indices)
+        source.update(batch, step)  # the logistic discriminator's step
+        targets = source.propose(batch, step)
         if regression == "closed-form":
             closed_form_regression(generator, targets.z, targets.x)
         else:

@@ -17,7 +17,9 @@ def test_bf16_runs_the_networks_in_bf16_and_inverts_in_float32(tiny_config):
     seen = []
     source.plain_netD.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
     images = run.data.dataset.images[:8]
-    targets = source.propose(Batch(images, torch.arange(8)), 0)
+    batch = Batch(images, torch.arange(8))
+    source.update(batch, 0)
+    targets = source.propose(batch, 0)
     assert targets.prediction.dtype == torch.float32 and targets.x.dtype == torch.float32
     # the discriminator step runs under autocast (bf16 inside), the inversion in float32
     assert seen[-1] == (torch.float32, torch.float32)

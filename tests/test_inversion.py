@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from targetgen import TrainingContext
+from targetgen import Batch, TrainingContext
 from targetgen.config import from_dict
 from targetgen.errors import ConfigError
 from targetgen.plugins.inversion import DiscriminatorInversion, InversionOptions
@@ -86,3 +86,64 @@ def test_every_discriminator_loss_trains_and_moves_samples_towards_real(tiny_con
 def test_lambda1_schedule(tiny_config):
     run = build_run(tiny_config("train.steps=11", "targets.options.schedule=linear", "targets.options.lambda1=0.5"))
     assert run.strategy.source.lambda1(0) == 0.5 and run.strategy.source.lambda1(10) == 0.0
+
+
+def discriminator_state(source):
+    return {k: v.clone() for k, v in source.plain_netD.state_dict().items()}
+
+
+def test_propose_has_no_side_effects_and_update_trains_the_discriminator(tiny_config):
+    run = build_run(tiny_config("train.steps=3"))
+    source = run.source
+    batch = Batch(run.data.dataset.images[:8], torch.arange(8))
+    before = discriminator_state(source)
+    targets = source.propose(batch, 0)
+    assert all(torch.equal(before[k], v) for k, v in source.plain_netD.state_dict().items())
+    assert targets.z is source.generated(batch).z  # the propose phase reads the step's samples
+    stats = source.update(batch, 0)
+    assert set(stats) == {"d_loss", "d_real", "d_fake"}
+    assert not torch.equal(before["main.0.weight"], source.plain_netD.state_dict()["main.0.weight"])
+
+
+@pytest.mark.parametrize("targets", ["inversion", "standard"])
+def test_d_steps_updates_the_discriminator_that_often_per_step(tiny_config, targets):
+    run = build_run(tiny_config("train.steps=2", "targets.d_steps=3", targets=targets))
+    optimizer = run.source.optimizerD if targets == "inversion" else run.strategy.optimizerD
+    batch = Batch(run.data.dataset.images[:8], torch.arange(8))
+    run.strategy.step(batch, 0, log=False)
+    run.strategy.step(batch, 1, log=False)
+    assert {int(state["step"]) for state in optimizer.state.values()} == {6}
+
+
+def test_d_steps_needs_a_source_with_an_update_phase(tiny_config):
+    with pytest.raises(ConfigError, match=r"targets.d_steps: 2 needs a source with an update phase; 'nearest' trains "
+                                          r"nothing of its own there \(use 1\)"):
+        build_run(tiny_config("targets.d_steps=2", targets="nearest"))
+
+
+def test_a_version_1_source_still_trains(tiny_config):
+    """Contract version 1: no update phase, latents drawn from the context inside propose."""
+    from dataclasses import dataclass
+
+    from targetgen import TargetGenerator, Targets
+    from targetgen.training.decomposed import Decomposed
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    class VersionOne(TargetGenerator):
+        name, Options, proposals = "v1", NoOptions, 0
+
+        def propose(self, batch, step):
+            z = self.context.sample_latents(len(batch.images))
+            fake = self.context.generator(z)
+            VersionOne.proposals += 1  # whatever it trains, it trains here
+            return Targets(z=z, x=batch.images, prediction=fake)
+
+    run = build_run(tiny_config("train.steps=2"))
+    before = [p.clone() for p in run.generator.parameters()]
+    strategy = Decomposed(VersionOne(NoOptions(), run.source.context), run.strategy.regression, run.strategy.sample_latents)
+    stats = strategy.step(Batch(run.data.dataset.images[:8], torch.arange(8)), 0, log=True)
+    assert VersionOne.proposals == 1 and stats["target_reach"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.generator.parameters(), strict=True))

@@ -1,26 +1,42 @@
-"""The decomposed step: a target source proposes (z, x'), the regression engine fits G."""
+"""The decomposed step, in three named phases: the target source updates what it owns
+(``d_steps`` times), proposes (z, x'), and the regression engine fits G onto them."""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+from dataclasses import replace
 
-from ..api import Batch, TargetGenerator
+from torch import Tensor, nn
+
+from ..api import Batch, Generated, TargetGenerator
+from ..errors import ConfigError
 from ..regression import RegressionEngine
 
 
 class Decomposed:
-    def __init__(self, source: TargetGenerator, regression: RegressionEngine):
+    def __init__(self, source: TargetGenerator, regression: RegressionEngine,
+                 sample_latents: Callable[[int], Tensor], d_steps: int = 1):
+        if d_steps > 1 and not source.trains_in_update():
+            raise ConfigError(f"targets.d_steps: {d_steps} needs a source with an update phase; "
+                              f"'{source.name}' trains nothing of its own there (use 1)")
         self.source = source
         self.regression = regression
+        self.sample_latents = sample_latents
+        self.d_steps = d_steps
 
     def on_epoch_start(self, epoch: int) -> None:
         self.source.on_epoch_start(epoch)
 
     def step(self, batch: Batch, step: int, log: bool) -> dict[str, float]:
-        # 1. target generation (for inversion: the discriminator step, then inverse examples)
+        stats: dict[str, float] = {}
+        # 1. update: the source trains what it owns (inversion: its discriminator), on fresh samples each time
+        for _ in range(self.d_steps):
+            batch = replace(batch, generated=Generated(self.regression.generator, self.sample_latents, len(batch.images)))
+            stats.update(self.source.update(batch, step))
+        # 2. propose: targets for the last update's samples (inversion: inverse examples)
         targets = self.source.propose(batch, step)
-        # 2. regression of the generator onto the targets
-        stats = dict(targets.stats)
+        stats.update(targets.stats)
+        # 3. regress: fit the generator onto the targets
         stats.update(self.regression.fit(targets, step, measure_reach=log))
         if log:
             stats.update(self.source.diagnostics(targets))

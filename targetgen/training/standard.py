@@ -32,9 +32,11 @@ class StandardOptions:
 
 
 class StandardGAN:
-    def __init__(self, options: StandardOptions, netG: nn.Module, netD: nn.Module, sample_latents: Callable[[int], Tensor]):
+    def __init__(self, options: StandardOptions, netG: nn.Module, netD: nn.Module, sample_latents: Callable[[int], Tensor],
+                 d_steps: int = 1):
         self.netG, self.netD = netG, netD
         self.sample_latents = sample_latents
+        self.d_steps = d_steps  # D updates per G update (n_critic), each on fresh noise
         # Initialize BCELoss function
         self.criterion = nn.BCELoss()
         # Setup Adam optimizers for both G and D
@@ -50,37 +52,38 @@ class StandardGAN:
         ############################
         # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
         ###########################
-        ## Train with all-real batch
-        netD.zero_grad()
-        # Format batch
-        real_cpu = batch.images.to(device)
-        b_size = real_cpu.size(0)
-        label = torch.full((b_size,), real_label, dtype=real_cpu.dtype, device=device)
-        # Forward pass real batch through D
-        output = require_finite(netD(real_cpu).view(-1), "D(x)")
-        # Calculate loss on all-real batch
-        errD_real = criterion(output, label)
-        # Calculate gradients for D in backward pass
-        errD_real.backward()
-        D_x = output.mean().item()
+        for _ in range(self.d_steps):  # the tutorial's one D step; n_critic with targets.d_steps
+            ## Train with all-real batch
+            netD.zero_grad()
+            # Format batch
+            real_cpu = batch.images.to(device)
+            b_size = real_cpu.size(0)
+            label = torch.full((b_size,), real_label, dtype=real_cpu.dtype, device=device)
+            # Forward pass real batch through D
+            output = require_finite(netD(real_cpu).view(-1), "D(x)")
+            # Calculate loss on all-real batch
+            errD_real = criterion(output, label)
+            # Calculate gradients for D in backward pass
+            errD_real.backward()
+            D_x = output.mean().item()
 
-        ## Train with all-fake batch
-        # Generate batch of latent vectors
-        noise = self.sample_latents(b_size)
-        # Generate fake image batch with G
-        fake = netG(noise)
-        label.fill_(fake_label)
-        # Classify all fake batch with D
-        output = require_finite(netD(fake.detach()).view(-1), "D(G(z))")
-        # Calculate D's loss on the all-fake batch
-        errD_fake = criterion(output, label)
-        # Calculate the gradients for this batch, accumulated (summed) with previous gradients
-        errD_fake.backward()
-        D_G_z1 = output.mean().item()
-        # Compute error of D as sum over the fake and the real batches
-        errD = errD_real + errD_fake
-        # Update D
-        self.optimizerD.step()
+            ## Train with all-fake batch
+            # Generate batch of latent vectors
+            noise = self.sample_latents(b_size)
+            # Generate fake image batch with G
+            fake = netG(noise)
+            label.fill_(fake_label)
+            # Classify all fake batch with D
+            output = require_finite(netD(fake.detach()).view(-1), "D(G(z))")
+            # Calculate D's loss on the all-fake batch
+            errD_fake = criterion(output, label)
+            # Calculate the gradients for this batch, accumulated (summed) with previous gradients
+            errD_fake.backward()
+            D_G_z1 = output.mean().item()
+            # Compute error of D as sum over the fake and the real batches
+            errD = errD_real + errD_fake
+            # Update D
+            self.optimizerD.step()
 
         ############################
         # (2) Update G network: maximize log(D(G(z)))

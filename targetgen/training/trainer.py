@@ -124,7 +124,7 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
     name = config.targets.name
     if name == "standard":
         options = from_dict(StandardOptions, config.targets.options, "targets.options")
-        strategy = StandardGAN(options, trained_G, make_discriminator(sigmoid=True), sample_latents)
+        strategy = StandardGAN(options, trained_G, make_discriminator(sigmoid=True), sample_latents, config.targets.d_steps)
     else:
         source_cls = registry.load("targets", name, "targets.name")
         options = from_dict(source_cls.Options, config.targets.options, "targets.options")
@@ -144,7 +144,8 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
         source = source_cls(options, context)
         if "ssim" in config.regression.loss and len(shape) != 3:
             raise ConfigError("regression.loss.ssim: SSIM needs images; toy2d data are points")
-        strategy = Decomposed(source, RegressionEngine(trained_G, config.regression, total_steps, processes.world_size))
+        engine = RegressionEngine(trained_G, config.regression, total_steps, processes.world_size)
+        strategy = Decomposed(source, engine, sample_latents, config.targets.d_steps)
     config.targets.options = to_dict(options)  # the resolved config shows every option
 
     # Fixed noise for sample grids, from its own generator so that it draws

@@ -27,8 +27,9 @@ class BlendTowardsData(TargetGenerator):
 
     def propose(self, batch: Batch, step: int) -> Targets:
         real = batch.images.to(self.context.device)
-        z = self.context.sample_latents(len(real))
-        fake = self.context.generator(z)  # handed to the regression engine, which reuses it
+        generated = self.generated(batch)  # the step's latents and samples (contract version 2)
+        fake = generated.x  # handed to the regression engine, which reuses it
         with torch.no_grad():
             target = fake + self.options.alpha * (real - fake)
-        return Targets(z=z, x=target, prediction=fake, stats={"blend_distance": (real - fake).abs().mean().item()})
+        stats = {"blend_distance": (real - fake).abs().mean().item()}
+        return Targets(z=generated.z, x=target, prediction=fake, stats=stats)
