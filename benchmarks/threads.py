@@ -20,7 +20,7 @@ import torch
 from targetgen.config import load_config
 from targetgen.data import epoch_order, iterate_batches
 from targetgen.training import build_run
-from targetgen.training.trainer import PROCESS_THREADS, default_threads
+from targetgen.training.builder import PROCESS_THREADS, default_threads
 
 SHAPES = {
     "toy2d": ["data.name=toy2d", "data.mixture=grid25", "model.nz=8", "train.batch_size=256"],

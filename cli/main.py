@@ -224,6 +224,7 @@ def compare(
     grid: Annotated[Optional[list[str]], typer.Option(help="A grid axis, key=v1,v2,... (repeatable; axes combine as a product). Keys apply to the sources that have them.")] = None,
     set_: SetOption = None,
     jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes (the CPU threads are shared among them).")] = 1,
+    devices: Annotated[Optional[str], typer.Option(help="GPUs to spread the jobs over, e.g. 0,1,2,3: each job sees one as its only GPU (default: $CUDA_VISIBLE_DEVICES, else all visible GPUs when there are several).")] = None,
     control: Annotated[Optional[bool], typer.Option("--control/--no-control", help="Add 'standard, G lr = λ2' for every inversion λ2 that differs from standard's lr (default: on).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -234,7 +235,7 @@ def compare(
     """
     import shlex
 
-    from targetgen.compare import plan_comparison, run_plan, write_plan
+    from targetgen.compare import job_devices, plan_comparison, run_plan, write_plan
     from targetgen.report import write_report
     from targetgen.training.rundir import run_lock
 
@@ -244,7 +245,7 @@ def compare(
         labels = ", ".join(c.label for c in plan.configurations)
         console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs: {labels}",
                       soft_wrap=True, highlight=False)
-        outcome = run_plan(plan, jobs, console, progress)
+        outcome = run_plan(plan, jobs, console, progress, job_devices(devices))
         paths = write_report(out)
     console.print("report: " + ", ".join(str(p) for p in paths))
     if outcome.failed:

@@ -123,7 +123,7 @@ class DiscriminatorInversion(TargetGenerator):
             penalty.backward()
             errD = errD + penalty
         self.optimizerD.step()
-        return {"d_loss": errD.item(), "d_real": out_real.mean().item(), "d_fake": out_fake.mean().item()}
+        return {"d_loss": errD.detach(), "d_real": out_real.mean().detach(), "d_fake": out_fake.mean().detach()}
 
     def gradient_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
         shape = (real.size(0),) + (1,) * (real.dim() - 1)
@@ -136,7 +136,7 @@ class DiscriminatorInversion(TargetGenerator):
         o = self.options
         return scheduled(o.lambda1, o.schedule, step, self.context.total_steps, o.final_fraction)
 
-    def inverse_examples(self, x0: Tensor, step: int) -> tuple[Tensor, float]:
+    def inverse_examples(self, x0: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """N1 gradient steps of size λ1/N1 from the samples ``x0`` towards "real".
 
         Returns x' (detached) and the mean discriminator output on ``x0``.
@@ -149,13 +149,13 @@ class DiscriminatorInversion(TargetGenerator):
         netD = self.plain_netD
         probabilities = netD.outputs_probabilities
         x = x0  # float32 (or float64) even under bf16: Autocast hands back float32
-        d_before = 0.0
+        d_before = torch.zeros(())
         for i in range(o.steps):
             x = x.detach().requires_grad_(True)
             # the discriminator is read, never changed: its BatchNorm statistics stay as the update left them
             output = require_finite(forward_preserving_buffers(netD, x).view(-1), "D(x') during inversion")
             if i == 0:
-                d_before = output.mean().item()
+                d_before = output.mean().detach()
             delta1 = discrepancy(output, o.discrepancy, probabilities)
             for regularizer, weight in self.regularizers:
                 delta1 = delta1 + weight * regularizer(x, x0)

@@ -220,7 +220,7 @@ def _configurations(base: dict[str, Any], compare: CompareConfig, sources: list[
 
 
 def _controls(base: dict[str, Any], configurations: list[Configuration]) -> list[Configuration]:
-    """The fair control of DESIGN.md: with Adam and N1 = N2 = 1 a decomposed run at
+    """The fair control of docs/design.md: with Adam and N1 = N2 = 1 a decomposed run at
     (λ1, λ2) is nearly the standard GAN with generator lr λ2, so every inversion λ2
     that differs from the standard baseline's lr gets "standard, G lr = λ2"."""
     standard = [c for c in configurations if c.source == "standard"]
@@ -249,7 +249,7 @@ def _total_steps(config: Config, lengths: dict[str, int]) -> int:
     key = json.dumps(dataclasses.asdict(config.data), sort_keys=True)
     if key not in lengths:
         lengths[key] = len(load_data(config.data).dataset)
-    return config.train.epochs * batches_per_epoch(lengths[key], config.train.batch_size, config.train.drop_last)
+    return config.train.epochs * batches_per_epoch(lengths[key], config.train.batch_size, bool(config.train.drop_last))
 
 
 def plan_comparison(
@@ -418,8 +418,23 @@ class Outcome:
     failed: list[tuple[str, str]]  # (name, why)
 
 
-def run_plan(plan: Plan, jobs: int, console, progress: bool = True) -> Outcome:
-    """Train every unfinished run, ``jobs`` processes at a time; print a line per finished run."""
+def job_devices(devices: str | None) -> list[str]:
+    """The GPUs that jobs are spread over: ``--devices``, else $CUDA_VISIBLE_DEVICES, else every visible
+    GPU when there are several; empty when jobs need not be told (one GPU or none)."""
+    given = devices if devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip()]
+    import torch
+
+    count = torch.cuda.device_count()
+    return [str(i) for i in range(count)] if count > 1 else []
+
+
+def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: list[str] = ()) -> Outcome:
+    """Train every unfinished run, ``jobs`` processes at a time; print a line per finished run.
+
+    With ``devices``, each job sees one of them as its only GPU (``CUDA_VISIBLE_DEVICES``),
+    the one fewest running jobs use, so that jobs spread over the GPUs instead of sharing cuda:0."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if jobs < 1:
@@ -440,7 +455,7 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True) -> Outcome:
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[running]}"),
         console=console, disable=not progress,
     )
-    running: dict[str, tuple[subprocess.Popen, PlannedRun, int | None, float, Any]] = {}
+    running: dict[str, tuple[subprocess.Popen, PlannedRun, int | None, float, Any, str | None]] = {}
     task = bar.add_task("compare", total=len(plan.runs), completed=len(outcome.skipped), running="")
     try:
         with bar:
@@ -450,13 +465,19 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True) -> Outcome:
                     command, resumed_from = _command(plan, run)
                     log = (plan.out / "logs" / f"{run.name}.log").open("a")
                     what = f"resuming from step {resumed_from}" if resumed_from is not None else "starting"
-                    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {' '.join(command)}\n")
+                    job_env, where = env, ""
+                    if devices:
+                        busy = [r[5] for r in running.values()]
+                        device = min(devices, key=busy.count)  # the least used, first in order on ties
+                        job_env, where = {**env, "CUDA_VISIBLE_DEVICES": device}, f" on CUDA_VISIBLE_DEVICES={device}"
+                    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}{where}: {' '.join(command)}\n")
                     log.flush()
-                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-                    running[run.name] = (process, run, resumed_from, time.perf_counter(), log)
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=job_env)
+                    running[run.name] = (process, run, resumed_from, time.perf_counter(), log,
+                                         job_env.get("CUDA_VISIBLE_DEVICES") if devices else None)
                     bar.update(task, running=f"running: {', '.join(running)}")
                 time.sleep(0.2)
-                for name, (process, run, resumed_from, started, log) in list(running.items()):
+                for name, (process, run, resumed_from, started, log, _) in list(running.items()):
                     if process.poll() is None:
                         continue
                     log.close()

@@ -95,7 +95,9 @@ class TrainConfig:
     epochs: int = bounded(30, ge=1)
     steps: int | None = bounded(None, ge=1)  # when set, overrides epochs
     batch_size: int = bounded(128, ge=1)
-    drop_last: bool = False  # the tutorial keeps the last, smaller batch
+    # null: false in one process (the tutorial keeps the last, smaller batch), true with several (each
+    # process needs an equal share of every global batch); the resolved value is recorded
+    drop_last: bool | None = None
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     log_every: int = bounded(10, ge=1)
@@ -109,6 +111,11 @@ class TrainConfig:
     # default ($OMP_NUM_THREADS, which `compare --jobs N` sets to cores / N, else the cores). The count a
     # run used is recorded in its config.yaml, so that a resumed run computes bit for bit alike.
     threads: int | None = bounded(None, ge=1)
+    # Where metrics go besides metrics.jsonl (always written): comma-separated loggers of the
+    # targetgen.loggers group; auto = tensorboard when the tensorboard package is installed.
+    loggers: str = "auto"
+    keep_checkpoints: int = bounded(1, ge=1)  # last.pt plus, when > 1, the last N as checkpoints/step_NNNNNN.pt
+    best_metric: str | None = None  # with evaluation.every: keep checkpoints/best.pt by this metric, e.g. fid_mnist
 
 
 @dataclass
@@ -123,7 +130,7 @@ class TargetsConfig:
 @dataclass
 class RegressionConfig:
     loss: dict[str, float] = bounded(factory=lambda: {"l2": 1.0}, ge=0)  # δ2: weighted mix
-    reduction: Literal["sum", "mean"] = "sum"  # sum reproduces the GAN step (DESIGN.md)
+    reduction: Literal["sum", "mean"] = "sum"  # sum reproduces the GAN step (docs/design.md)
     lr: float = bounded(0.0002, gt=0)  # λ2; each of the N2 steps uses λ2 / N2
     steps: int = bounded(1, ge=1)  # N2
     optimizer: Literal["adam", "sgd"] = "adam"

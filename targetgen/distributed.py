@@ -88,7 +88,7 @@ def check_batch(batch_size: int, drop_last: bool, processes: Processes) -> None:
                           "processes; use a multiple of the number of processes")
     if not drop_last:
         raise ConfigError("train.drop_last: distributed runs need every global batch complete, so that each "
-                          "process gets an equal share; set train.drop_last=true (the last "
+                          "process gets an equal share; set train.drop_last=true or leave it unset (the last "
                           "len(data) mod batch_size images of each epoch are then skipped)")
 
 

@@ -18,6 +18,7 @@ GROUPS = {
     "losses": "targetgen.losses",
     "regularizers": "targetgen.regularizers",
     "features": "targetgen.features",
+    "loggers": "targetgen.loggers",
 }
 
 # Names handled by the trainer itself rather than by a plugin.

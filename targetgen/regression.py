@@ -59,7 +59,7 @@ class RegressionEngine:
         c = self.config
         return scheduled(c.lr, c.schedule, step, self.total_steps, c.final_fraction) / c.steps
 
-    def fit(self, targets: Targets, step: int, measure_reach: bool = False) -> dict[str, float]:
+    def fit(self, targets: Targets, step: int, measure_reach: bool = False) -> dict[str, Tensor | float]:
         """N2 optimizer steps of δ2(G(z), x'); returns diagnostics for the log."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.step_size(step)
@@ -77,7 +77,7 @@ class RegressionEngine:
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.generator))
 
-        stats = {"regression_loss": first_loss.item()}
+        stats = {"regression_loss": first_loss}  # a tensor: the loop reads every statistic at once
         if measure_reach:
             stats["target_reach"] = target_reach(unwrap(self.generator), z, before, x_target)
         return stats

@@ -188,7 +188,7 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
         "```bash", command, "```", "",
         f"{runs} of {planned} planned runs finished. Each cell: mean ± standard error over seeds (n in the last "
         "column); the best configuration per metric is in bold. Rows marked (control) are the standard GAN "
-        "with generator lr = λ2 of an inversion row (DESIGN.md: with Adam and N1 = N2 = 1, the decomposed "
+        "with generator lr = λ2 of an inversion row (docs/design.md: with Adam and N1 = N2 = 1, the decomposed "
         "step at (λ1, λ2) is nearly that run).", "",
     ]
     headlines = [m for m in metrics if m.startswith("fid")][:1] + [m for m in ("modes_covered", "high_quality_share") if m in metrics]

@@ -16,6 +16,7 @@ TINY = [
     "train.log_every=1",
     "train.sample_every=1000",
     "train.checkpoint_every=1000",
+    "train.loggers=jsonl",  # TensorBoard's import costs seconds per process; tests/test_logging.py covers it
 ]
 
 

@@ -116,9 +116,9 @@ def test_evaluate_without_fid_weights_fails_before_building_the_run(tmp_path, mo
     assert code == 0, err
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))
     monkeypatch.delenv("TARGETGEN_FID_WEIGHTS", raising=False)
-    from targetgen.training import trainer
+    from targetgen.training import builder
 
-    monkeypatch.setattr(trainer, "build_run", lambda *a, **k: pytest.fail("built the run before checking the weights"))
+    monkeypatch.setattr(builder, "build_run", lambda *a, **k: pytest.fail("built the run before checking the weights"))
     started = time.perf_counter()
     code, _, err = run_cli("evaluate", str(tmp_path / "r"), "--features", "inception")
     assert code == 2 and "FID needs pytorch-fid's Inception weights" in err and len(err.strip().splitlines()) == 1

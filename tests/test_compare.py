@@ -14,7 +14,7 @@ from targetgen.compare import plan_comparison, run_plan, write_plan
 from targetgen.errors import ConfigError, PluginError
 from targetgen.report import mean_se, write_report
 from targetgen.training import train
-from targetgen.training import trainer as trainer_module
+from targetgen.training import callbacks as callbacks_module
 from targetgen.config import from_dict, Config
 
 from cli_helpers import run_cli
@@ -190,18 +190,18 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):
     run = plan.runs[0]
 
     # Train it in-process and "crash" right after the checkpoint at step 10.
-    save = trainer_module._save_checkpoint
+    save = callbacks_module.save
 
-    def save_then_crash(run_, run_dir, pos, order):
-        save(run_, run_dir, pos, order)
+    def save_then_crash(run_, path, pos, order):
+        save(run_, path, pos, order)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(callbacks_module, "save", save_then_crash)
     config = from_dict(Config, run.config)
     plan.run_dir(run).mkdir(parents=True)
     with pytest.raises(KeyboardInterrupt):
         train(config, plan.run_dir(run), progress=False)
-    monkeypatch.setattr(trainer_module, "_save_checkpoint", save)
+    monkeypatch.setattr(callbacks_module, "save", save)
 
     outcome = run_plan(plan, jobs=1, console=Console(file=open(tmp_path / "console.txt", "w")), progress=False)
     assert not outcome.failed and len(outcome.finished) == 1
@@ -213,3 +213,25 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):
     assert steps == [5, 10, 10, 15, 20, 20, 25, 30, 30]
     write_report(out)
     assert (out / "results.csv").read_text().count("\n") == 2
+
+
+def test_jobs_are_spread_over_the_given_devices(tmp_path):
+    """Fake device names on CPU: each job is told its GPU through CUDA_VISIBLE_DEVICES (torch then sees none)."""
+    out = tmp_path / "cmp"
+    plan = plan_comparison(TOY, out, [*SHORT, "train.steps=10", "evaluation.every=0"], "standard", seeds=4)
+    write_plan(plan, "targetgen compare (test)")
+    outcome = run_plan(plan, jobs=2, console=Console(file=open(tmp_path / "console.txt", "w")), progress=False,
+                       devices=["gpu-a", "gpu-b"])
+    assert not outcome.failed and len(outcome.finished) == 4
+    seen = [(out / "logs" / f"{r.name}.log").read_text().splitlines()[0].split(" on ")[1].split(":")[0] for r in plan.runs]
+    assert seen[:2] == ["CUDA_VISIBLE_DEVICES=gpu-a", "CUDA_VISIBLE_DEVICES=gpu-b"]  # two jobs, one per device
+    assert set(seen) == {"CUDA_VISIBLE_DEVICES=gpu-a", "CUDA_VISIBLE_DEVICES=gpu-b"}
+
+
+def test_job_devices_come_from_the_option_or_the_environment(monkeypatch):
+    from targetgen.compare import job_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert job_devices("0, 1") == ["0", "1"] and job_devices(None) == ["2", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert job_devices(None) == []  # no GPU here: jobs are not told anything

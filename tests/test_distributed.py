@@ -16,7 +16,7 @@ from targetgen.errors import ConfigError
 from targetgen.plugins.imle import IMLE, IMLEOptions
 from targetgen.training import build_run, train
 from targetgen.training.checkpoint import load_checkpoint
-from targetgen.training.trainer import config_of_run
+from targetgen.training import config_of_run
 from targetgen import TrainingContext
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -125,6 +125,16 @@ def test_distributed_imle_matches_exactly_like_one_process(tmp_path):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert torch.equal(result["matched_z"], single.matched_z)
         assert result["distance"] == single.match_distance
+
+
+def test_distributed_runs_drop_the_last_batch_unless_told_not_to(capsys):
+    config = load_config(CONFIGS / "toy2d.yaml", [o for o in TOY if not o.startswith("train.drop_last")])
+    assert config.train.drop_last is None
+    run = build_run(config, Processes(0, 2, 0))
+    assert config.train.drop_last is True and run.steps_per_epoch == 10_000 // 64
+    assert capsys.readouterr().out.startswith("train.drop_last: true for 2 processes")
+    alone = load_config(CONFIGS / "toy2d.yaml", [o for o in TOY if not o.startswith("train.drop_last")])
+    assert build_run(alone).steps_per_epoch == -(-10_000 // 64) and alone.train.drop_last is False
 
 
 def test_distributed_batches_must_split_evenly(tmp_path):

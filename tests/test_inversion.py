@@ -126,7 +126,7 @@ def test_a_version_1_source_still_trains(tiny_config):
     from dataclasses import dataclass
 
     from targetgen import TargetGenerator, Targets
-    from targetgen.training.decomposed import Decomposed
+    from targetgen.training.trainer import Decomposed
 
     @dataclass
     class NoOptions:

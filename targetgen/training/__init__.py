@@ -1,6 +1,6 @@
-"""Training: the loop (``trainer``), run directories (``rundir``), checkpoints, and
-the two kinds of step the loop can run — ``standard`` (the tutorial's end-to-end
-GAN step) and ``decomposed`` (targets, then regression).
+"""Training: the builder (config → run), run directories (``rundir``), the loop
+and the decomposed step (``trainer``), its callbacks and loggers, checkpoints,
+and the standard GAN's end-to-end step (``standard``).
 
 Imported lazily: the run-directory checks the CLI makes before anything is
 built (``rundir``) must not wait for torch.
@@ -9,9 +9,9 @@ built (``rundir``) must not wait for torch.
 from __future__ import annotations
 
 _EXPORTS = {
-    "Run": "trainer", "build_run": "trainer", "load_generator": "trainer", "load_trained": "trainer", "plan_run_dir": "trainer",
-    "resolve_device": "trainer", "train": "trainer", "write_samples": "trainer",
-    "CHECKPOINT": "rundir", "config_of_run": "rundir",
+    "Run": "builder", "build_run": "builder", "load_generator": "builder", "load_trained": "builder",
+    "resolve_device": "builder", "train": "trainer", "write_samples": "callbacks",
+    "CHECKPOINT": "rundir", "config_of_run": "rundir", "plan_run_dir": "rundir",
 }
 __all__ = list(_EXPORTS)
 

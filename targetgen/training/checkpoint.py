@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from ..errors import CheckpointError
+from .. import __version__
+from ..config import to_dict
+from ..errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from .builder import Run
 
 FORMAT = 2  # 2: adds targets, version and config to format 1 (step, epoch, batch, order, networks, rng)
 
@@ -98,3 +106,58 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- a run's checkpoint
+
+
+@dataclass
+class Position:
+    """Where a run stands: what a checkpoint records besides the networks."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` done
+    images: int = 0  # real images seen, for equal-budget comparisons
+    seconds: float = 0.0  # time spent in training steps (not evaluation or I/O), summed over resumes
+
+
+def save(run: Run, path: Path, pos: Position, order: Tensor) -> None:
+    """Everything exact resume needs, atomically: networks, optimisers, RNG states, the data order."""
+    atomic_save(
+        {
+            "format": FORMAT,
+            "targets": run.config.targets.name,
+            "version": __version__,
+            "config": to_dict(run.config),
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "images": pos.images,
+            "seconds": pos.seconds,
+            "order": order,
+            "generator": run.generator.state_dict(),
+            "strategy": run.strategy.state_dict(),
+            "rng": rng_state(),
+        },
+        path,
+    )
+
+
+def restore(run: Run, path: Path) -> tuple[Position, Tensor]:
+    """Load the checkpoint at ``path`` into ``run``: refused in one line when it does not fit."""
+    state = load_checkpoint(path, targets=run.config.targets.name)
+    t = run.config.train
+    if state["step"] > run.total_steps:
+        key, value = ("train.steps", t.steps) if t.steps is not None else ("train.epochs", t.epochs)
+        raise ConfigError(f"{key}: {value} gives {run.total_steps} steps, fewer than the checkpoint's "
+                          f"{state['step']}; a resumed run can only be extended")
+    try:
+        run.generator.load_state_dict(state["generator"])
+        run.strategy.load_state_dict(state["strategy"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this run's networks or optimisers: {first}") from None
+    set_rng_state(state["rng"])
+    position = Position(state["step"], state["epoch"], state["batch"], state.get("images", 0), state.get("seconds", 0.0))
+    return position, state["order"]

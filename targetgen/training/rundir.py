@@ -87,6 +87,11 @@ def planned_run_dir(out_dir: str | Path, name: str, overwrite: bool) -> Path:
     return run_dir
 
 
+def plan_run_dir(config, overwrite: bool = False) -> Path:
+    """Where ``config``'s run goes (``planned_run_dir`` of its train section)."""
+    return planned_run_dir(config.train.out_dir, config.train.name, overwrite)
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Empty (``overwrite``) or create ``run_dir`` for a new run; the caller holds its lock."""
     if _has_content(run_dir):  # another process may have started a run here since it was planned

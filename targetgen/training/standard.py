@@ -46,7 +46,7 @@ class StandardGAN:
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
-    def step(self, batch: Batch, step: int, log: bool) -> dict[str, float]:
+    def step(self, batch: Batch, step: int, log: bool) -> dict[str, Tensor]:
         netG, netD, criterion = self.netG, self.netD, self.criterion
         device = next(netD.parameters()).device
         ############################
@@ -65,7 +65,7 @@ class StandardGAN:
             errD_real = criterion(output, label)
             # Calculate gradients for D in backward pass
             errD_real.backward()
-            D_x = output.mean().item()
+            D_x = output.mean().detach()  # the tutorial's .item(), left to the loop: one read per step
 
             ## Train with all-fake batch
             # Generate batch of latent vectors
@@ -79,7 +79,7 @@ class StandardGAN:
             errD_fake = criterion(output, label)
             # Calculate the gradients for this batch, accumulated (summed) with previous gradients
             errD_fake.backward()
-            D_G_z1 = output.mean().item()
+            D_G_z1 = output.mean().detach()
             # Compute error of D as sum over the fake and the real batches
             errD = errD_real + errD_fake
             # Update D
@@ -96,11 +96,11 @@ class StandardGAN:
         errG = criterion(output, label)
         # Calculate gradients for G
         errG.backward()
-        D_G_z2 = output.mean().item()
+        D_G_z2 = output.mean().detach()
         # Update G
         self.optimizerG.step()
 
-        return {"d_loss": errD.item(), "g_loss": errG.item(), "d_real": D_x, "d_fake": D_G_z1, "d_fake_after_d_step": D_G_z2}
+        return {"d_loss": errD.detach(), "g_loss": errG.detach(), "d_real": D_x, "d_fake": D_G_z1, "d_fake_after_d_step": D_G_z2}
 
     def sampling_generator(self) -> nn.Module:
         return unwrap(self.netG)

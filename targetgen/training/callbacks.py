@@ -1,0 +1,172 @@
+"""What the training loop does around its steps, one callback each: logging, evaluation,
+sample grids, checkpoints (with retention). The loop calls them in that order after
+every step, and once more at the end; each decides for itself when it has work.
+
+Rank 0 alone runs them in a distributed run: they write files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..report import lower_is_better
+from .builder import Run
+from .checkpoint import Position, save
+from .logs import Logger
+from .rundir import CHECKPOINT, CHECKPOINTS
+
+
+@dataclass
+class StepEnd:
+    """What the loop knows after a step."""
+
+    run: Run
+    pos: Position
+    stats: dict[str, float] | None  # this step's statistics, on logging steps only
+    images_per_s: float = 0.0
+    last: bool = False  # the run's final step
+
+
+class Callback:
+    def on_step_end(self, end: StepEnd) -> None:
+        """After every step."""
+
+    def on_train_end(self, run: Run, pos: Position) -> None:
+        """Once, after the last step (also when a resumed run had nothing left to do)."""
+
+
+def _record(pos: Position) -> dict[str, Any]:
+    return {"epoch": pos.epoch, "images_seen": pos.images, "train_s": pos.seconds}
+
+
+@dataclass
+class LogMetrics(Callback):
+    """Every logging step's statistics to every logger."""
+
+    loggers: list[Logger]
+
+    def on_step_end(self, end: StepEnd) -> None:
+        if end.stats is not None:
+            values = {**_record(end.pos), "images_per_s": end.images_per_s, **end.stats}
+            for logger in self.loggers:
+                logger.log(end.pos.step, values)
+
+
+@dataclass
+class Evaluate(Callback):
+    """The run's evaluation every ``every`` steps and at the end, as ``eval/...`` records.
+
+    Evaluation draws its latents and real subset from seeded generators of its
+    own, so it leaves the training trajectory (and exact resume) untouched.
+    """
+
+    every: int
+    loggers: list[Logger]
+    latest: dict[str, float] = field(default_factory=dict)  # for the best-checkpoint callback
+    step: int = -1  # the step ``latest`` was evaluated at
+
+    def on_step_end(self, end: StepEnd) -> None:
+        if end.pos.step % self.every == 0 or end.last:
+            from ..evaluation import evaluate
+
+            self.latest, self.step = evaluate(end.run), end.pos.step
+            values = {**_record(end.pos), **{f"eval/{k}": v for k, v in self.latest.items()}}
+            for logger in self.loggers:
+                logger.log(end.pos.step, values)
+
+
+def write_samples(run: Run, path: Path) -> None:
+    from ..samples import generate, save_samples
+
+    samples = generate(run.strategy.sampling_generator(), run.fixed_noise)
+    data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
+    save_samples(samples, path, data, title=path.stem)
+
+
+@dataclass
+class WriteSamples(Callback):
+    """A grid from fixed noise every ``every`` steps, and samples/final.png at the end."""
+
+    run_dir: Path
+    every: int
+
+    def on_step_end(self, end: StepEnd) -> None:
+        if end.pos.step % self.every == 0:
+            write_samples(end.run, self.run_dir / "samples" / f"step_{end.pos.step:06d}.png")
+
+    def on_train_end(self, run: Run, pos: Position) -> None:
+        write_samples(run, self.run_dir / "samples" / "final.png")
+
+
+@dataclass
+class SaveCheckpoints(Callback):
+    """``checkpoints/last.pt`` every ``every`` steps and at the end; the last ``keep`` of them
+    as ``step_NNNNNN.pt``; and ``best.pt``, the state at the evaluation with the best
+    ``best_metric`` so far (``best.json`` says which step and value), when a metric is chosen.
+
+    Retention is a callback (as in Lightning's ModelCheckpoint), not loop code. Kept
+    copies are hard links to last.pt (no second write) where the file system has them.
+    """
+
+    run_dir: Path
+    every: int
+    keep: int = 1
+    best_metric: str | None = None
+    evaluation: Evaluate | None = None
+    order: Any = None  # the epoch's data order, kept current by the loop
+
+    def on_step_end(self, end: StepEnd) -> None:
+        last = self.run_dir / CHECKPOINT
+        saved = end.pos.step % self.every == 0 or end.last
+        if saved:
+            save(end.run, last, end.pos, self.order)
+            if self.keep > 1:
+                self._keep(last, end.pos.step)
+        evaluated_now = self.evaluation is not None and self.evaluation.step == end.pos.step
+        if self.best_metric and evaluated_now and self._is_best():
+            best = self.run_dir / CHECKPOINTS / "best.pt"
+            if saved:
+                _copy(last, best)
+            else:
+                save(end.run, best, end.pos, self.order)
+            value = self.evaluation.latest[self.best_metric]
+            (self.run_dir / CHECKPOINTS / "best.json").write_text(json.dumps({"step": end.pos.step, self.best_metric: value}) + "\n")
+
+    def _keep(self, last: Path, step: int) -> None:
+        folder = last.parent
+        _copy(last, folder / f"step_{step:06d}.pt")
+        for old in sorted(folder.glob("step_*.pt"))[: -self.keep]:  # last.pt is the newest of the kept ones
+            old.unlink()
+
+    def _is_best(self) -> bool:
+        if self.best_metric not in self.evaluation.latest:
+            raise ConfigError(f"train.best_metric: {self.best_metric!r} is not among the evaluated metrics "
+                              f"({', '.join(self.evaluation.latest)})")
+        value = self.evaluation.latest[self.best_metric]
+        if value is None or not math.isfinite(value):
+            return False
+        record = self.run_dir / CHECKPOINTS / "best.json"
+        if not record.is_file():
+            return True
+        best = json.loads(record.read_text()).get(self.best_metric)
+        if best is None:
+            return True
+        return value < best if lower_is_better(self.best_metric) else value > best
+
+
+def _copy(source: Path, target: Path) -> None:
+    """``target`` becomes the file ``source`` is now, atomically: a hard link, else a copy."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
