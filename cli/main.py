@@ -54,7 +54,7 @@ def train(
     on N processes with DistributedDataParallel; see docs/scaling.md.
     """
     from targetgen.config import load_config
-    from targetgen.training.rundir import config_of_run, planned_run_dir, resumable_run_dir
+    from targetgen.training.rundir import CHECKPOINT, config_of_run, planned_run_dir, resumable_run_dir
 
     overrides = list(set_ or [])
     for key, value in (("steps", steps), ("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
@@ -91,7 +91,7 @@ def train(
         console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {run.total_steps} steps{where}")
         console.print(f"samples:    {run_dir / 'samples'}")
         console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
-        console.print(f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}")
+        console.print(f"checkpoint: {run_dir / CHECKPOINT}")
 
 
 def _checkpoint_kept(run_dir: Path) -> str:

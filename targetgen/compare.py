@@ -45,9 +45,9 @@ from typing import Any
 import yaml
 
 from . import jsonsafe, registry
-from .config import Config, apply_override, from_dict, read_yaml
+from .config import Config, apply_override, from_dict, read_yaml, set_dotted
 from .errors import ConfigError, TargetgenError
-from .training.standard import StandardOptions
+from .training.builder import STANDARD, options_class
 
 CONTROL_SUFFIX = "(control)"
 
@@ -106,12 +106,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_")
 
 
-def _options_class(source: str) -> type:
-    return StandardOptions if source == "standard" else registry.load("targets", source).Options
-
-
 def _options_fields(source: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(_options_class(source))}
+    return {f.name for f in dataclasses.fields(options_class(source))}
 
 
 def _applies(key: str, source: str) -> bool:
@@ -119,7 +115,7 @@ def _applies(key: str, source: str) -> bool:
     if section == "targets":
         return rest.startswith("options.") and rest.split(".")[1] in _options_fields(source)
     if section == "regression":
-        return source != "standard"  # the standard GAN has no regression engine
+        return source != STANDARD  # the standard GAN has no regression engine
     return True
 
 
@@ -158,13 +154,7 @@ def _axes(grid: dict[str, Any]) -> list[list[tuple[str, dict[str, Any]]]]:
 
 
 def _set(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    for part in key.split(".")[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"compare.grid: '{key}': '{part}' is a value, not a section")
-        node = child
-    node[key.split(".")[-1]] = copy.deepcopy(value)
+    set_dotted(raw, key, value, f"compare.grid: '{key}'")
 
 
 def _source_config(base: dict[str, Any], source: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +172,7 @@ def _resolved(raw: dict[str, Any], where: str) -> tuple[Config, Any]:
     """The typed config and target options of ``raw``; errors name the configuration."""
     try:
         config = from_dict(Config, raw)
-        return config, from_dict(_options_class(config.targets.name), config.targets.options, "targets.options")
+        return config, from_dict(options_class(config.targets.name), config.targets.options, "targets.options")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 
@@ -223,10 +213,10 @@ def _controls(base: dict[str, Any], configurations: list[Configuration]) -> list
     """The fair control of docs/design.md: with Adam and N1 = N2 = 1 a decomposed run at
     (λ1, λ2) is nearly the standard GAN with generator lr λ2, so every inversion λ2
     that differs from the standard baseline's lr gets "standard, G lr = λ2"."""
-    standard = [c for c in configurations if c.source == "standard"]
-    baselines = {_resolved(_source_config(base, "standard", c.settings), c.label)[1].g_lr for c in standard}
+    standard = [c for c in configurations if c.source == STANDARD]
+    baselines = {_resolved(_source_config(base, STANDARD, c.settings), c.label)[1].g_lr for c in standard}
     if not baselines:
-        baselines = {_resolved(_source_config(base, "standard", {}), "standard")[1].g_lr}
+        baselines = {_resolved(_source_config(base, STANDARD, {}), STANDARD)[1].g_lr}
     controls: dict[str, Configuration] = {}
     for c in configurations:
         if c.source != "inversion":
@@ -237,7 +227,7 @@ def _controls(base: dict[str, Any], configurations: list[Configuration]) -> list
             continue
         label = f"standard G-lr={_format(lr)} {CONTROL_SUFFIX}"
         settings = {"targets.options.g_lr": lr, "targets.options.d_lr": options.d_lr, "targets.options.betas": list(config.regression.betas)}
-        controls.setdefault(label, Configuration(label, "standard", settings, control=True))
+        controls.setdefault(label, Configuration(label, STANDARD, settings, control=True))
     return list(controls.values())
 
 
@@ -284,7 +274,7 @@ def plan_comparison(
     if len(set(sources)) != len(sources):
         raise ConfigError(f"--targets: a source is listed twice in {compare.targets!r}")
     for source in sources:
-        if source != "standard":
+        if source != STANDARD:
             registry.load("targets", source)  # unknown names fail here, with the available ones
 
     configurations = _configurations(raw, compare, sources)

@@ -8,6 +8,7 @@ dataclass once the source is known (see ``targetgen.registry``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -323,14 +324,20 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    parts = key.strip().split(".")
+    set_dotted(raw, key.strip(), value, f"--set {assignment!r}")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``raw[a][b][c] = value`` for the key ``a.b.c``, creating sections on the way; ``where`` names
+    the source of the key in errors. The one walker of dotted keys (--set, compare's grid)."""
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: '{part}' is a value, not a section")
+            raise ConfigError(f"{where}: '{part}' is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def load_config(

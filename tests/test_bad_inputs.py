@@ -31,7 +31,7 @@ TRAIN = [
     (["--set", "train.checkpoint_every=0"], "train.checkpoint_every: expected an integer >= 1, got 0"),
     (["--set", "train.sample_every=-1"], "train.sample_every: expected an integer >= 1, got -1"),
     (["--set", "train.batch_size=abc"], "train.batch_size: expected int, got 'abc'"),
-    (["--set", "train.drop_last=maybe"], "train.drop_last: expected bool, got 'maybe'"),
+    (["--set", "train.drop_last=maybe"], "train.drop_last: expected bool or null, got 'maybe'"),
     (["--set", "train.device=tpu"], "train.device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--set", "train.precision=fp8"], "train.precision: expected one of 'fp32', 'bf16', got 'fp8'"),
     (["--set", "train.name=a/b"], "train.name: expected one folder name"),

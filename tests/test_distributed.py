@@ -128,12 +128,14 @@ def test_distributed_imle_matches_exactly_like_one_process(tmp_path):
 
 
 def test_distributed_runs_drop_the_last_batch_unless_told_not_to(capsys):
-    config = load_config(CONFIGS / "toy2d.yaml", [o for o in TOY if not o.startswith("train.drop_last")])
+    unset = [o for o in TOY if not o.startswith("train.drop_last")]
+    config = load_config(CONFIGS / "toy2d.yaml", [*unset, "train.batch_size=63"])
     assert config.train.drop_last is None
-    run = build_run(config, Processes(0, 2, 0))
-    assert config.train.drop_last is True and run.steps_per_epoch == 10_000 // 64
+    with pytest.raises(ConfigError, match="does not split evenly"):  # stops right after resolving drop_last
+        build_run(config, Processes(0, 2, 0))
+    assert config.train.drop_last is True
     assert capsys.readouterr().out.startswith("train.drop_last: true for 2 processes")
-    alone = load_config(CONFIGS / "toy2d.yaml", [o for o in TOY if not o.startswith("train.drop_last")])
+    alone = load_config(CONFIGS / "toy2d.yaml", unset)
     assert build_run(alone).steps_per_epoch == -(-10_000 // 64) and alone.train.drop_last is False
 
 

@@ -80,6 +80,14 @@ class Run:
         return self.strategy.source if isinstance(self.strategy, Decomposed) else None
 
 
+STANDARD = "standard"  # the end-to-end baseline: no target source, no regression engine
+
+
+def options_class(source: str) -> type:
+    """The dataclass of ``targets.options`` for a source (or the standard GAN)."""
+    return StandardOptions if source == STANDARD else registry.load("targets", source, "targets.name").Options
+
+
 def build_run(config: Config, processes: Processes = Processes()) -> Run:
     """Build data, models and strategy. Resolves the target options in ``config`` in place."""
     t, m = config.train, config.model
@@ -121,12 +129,11 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
         return wrap(netD, processes, device, bf16)
 
     name = config.targets.name
-    if name == "standard":
-        options = from_dict(StandardOptions, config.targets.options, "targets.options")
+    options = from_dict(options_class(name), config.targets.options, "targets.options")
+    if name == STANDARD:
         strategy = StandardGAN(options, trained_G, make_discriminator(sigmoid=True), sample_latents, config.targets.d_steps)
     else:
         source_cls = registry.load("targets", name, "targets.name")
-        options = from_dict(source_cls.Options, config.targets.options, "targets.options")
         context = TrainingContext(
             generator=trained_G,
             sample_latents=sample_latents,
@@ -179,7 +186,7 @@ def load_generator(run_dir: Path) -> TrainedGenerator:
     sampling = generator
     try:
         generator.load_state_dict(state["generator"])
-        if config.targets.name != "standard" and config.regression.ema is not None:
+        if config.targets.name != STANDARD and config.regression.ema is not None:
             engine = RegressionEngine(generator, config.regression, total_steps=1)
             engine.load_state_dict(state["strategy"]["regression"])
             sampling = engine.sampling_generator()
