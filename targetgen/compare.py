@@ -391,11 +391,13 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
     return summary
 
 
-HEADLINE = ("fid", "fid_digits", "fid_pixels", "precision", "recall", "modes_covered", "high_quality_share", "classes_covered")
+HEADLINE = ("precision", "recall", "modes_covered", "high_quality_share", "classes_covered")
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    shown = [f"{k} {summary['metrics'][k]:.4g}" for k in HEADLINE if k in summary["metrics"]]
+    metrics = summary["metrics"]
+    fids = [k for k in metrics if k.startswith("fid")][:1]  # fid, fid_digits, fid_mnist, ...: whichever was measured
+    shown = [f"{k} {metrics[k]:.4g}" for k in (*fids, *HEADLINE) if metrics.get(k) is not None]
     resumed = f", resumed from step {summary['resumed_from']}" if summary["resumed_from"] is not None else ""
     train_s = summary["train_s"] or 0.0
     return f"{summary['label']} seed {summary['seed']}: {', '.join(shown) or 'no metrics'} ({train_s:.0f} s training{resumed})"
