@@ -116,8 +116,9 @@ class Stat:
 
 
 def overview_metrics(metrics: list[str]) -> list[str]:
-    """The FID first, then PREFERRED, for the overview table and the curves."""
-    return [m for m in metrics if m.startswith("fid")][:1] + [m for m in PREFERRED if m in metrics]
+    """The FID and the KID first, then PREFERRED, for the overview table and the curves."""
+    first = [m for m in metrics if m.startswith("fid")][:1] + [m for m in metrics if m.startswith("kid") and not m.endswith("_std")][:1]
+    return first + [m for m in PREFERRED if m in metrics]
 
 
 def metric_stats(groups: list[Group], metric: str) -> dict[str, Stat]:
@@ -201,7 +202,7 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
                   "blob over the whole mixture scores near 0. Modes covered and the high-quality share are the "
                   "measures of mode collapse and sample quality here."]
     lines.append("")
-    lines += summary_table(groups, overview_metrics(metrics)[:6]) + [""]
+    lines += summary_table(groups, overview_metrics(metrics)[:7]) + [""]
     for metric in metrics:
         direction = "lower is better" if lower_is_better(metric) else "higher is better"
         stats = metric_stats(groups, metric)

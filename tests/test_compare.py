@@ -164,7 +164,7 @@ def test_tiny_comparison_writes_the_report_and_skips_finished_runs(tmp_path):
         assert math.isfinite(float(row["fid_pixels"]))
     report = (out / "report.md").read_text()
     assert "## fid_pixels (lower is better)" in report and "standard G-lr=0.0008 (control)" in report
-    assert "| configuration | fid_pixels | modes_covered | high_quality_share | precision |" in report  # overview
+    assert "| configuration | fid_pixels | kid_pixels | modes_covered | high_quality_share | precision |" in report  # overview
     assert report.count("**") >= 2  # a best cell per table
     assert "targetgen compare --config" in report  # the exact command
     for png in ("curves.png", "samples.png"):
