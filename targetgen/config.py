@@ -140,6 +140,13 @@ class RegressionConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_fraction: float = bounded(0.0, ge=0, le=1)  # linear / cosine: λ2 at the end, as a fraction of lr
     ema: float | None = bounded(None, gt=0, lt=1)  # decay of an EMA copy of the generator used for samples
+    # Fit the targets instead of taking N2 steps: after the N2 steps (each of λ2 / N2), keep stepping until the
+    # target reach on the step's targets is at least until_reach, or max_steps steps are done. None: N2 steps.
+    until_reach: float | None = bounded(None, gt=0, le=1)
+    max_steps: int = bounded(20, ge=1)  # until_reach: at most this many regression steps per training step
+    # Every regression step after a step's first fits one batch drawn uniformly from the last `replay` batches
+    # of targets (this step's included), so that the generator keeps fitting recent targets. None: no replay.
+    replay: int | None = bounded(None, ge=1)
 
 
 @dataclass

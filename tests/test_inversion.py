@@ -118,6 +118,8 @@ def test_every_discriminator_loss_trains_and_moves_samples_towards_real(tiny_con
     run = train(config, run_dir, progress=False)
     stats = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert stats["target_distance"] > 0 and "target_reach" in stats
+    # RMS over a sample's 16×16 pixels, averaged over samples: the mean per-sample L2 norm / 16
+    assert stats["target_distance_per_pixel"] == pytest.approx(stats["target_distance"] / 16, rel=1e-5)
     assert stats["d_fake_after_inversion"] > stats["d_fake_before_inversion"]  # x' looks more real to D
     assert run.strategy.source.netD.outputs_probabilities == (d_loss == "bce")
 

@@ -22,8 +22,8 @@ def params(run):
 
 def flatten(d, prefix=""):
     out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        if isinstance(v, (dict, list)):  # lists: the regression engine's replay pool
             out.update(flatten(v, f"{prefix}{k}."))
         elif isinstance(v, torch.Tensor):
             out[f"{prefix}{k}"] = v
@@ -37,17 +37,20 @@ def assert_identical(a, b):
 
 
 EXTRA = {
-    "standard": [],
-    "inversion": ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"],
+    "standard": ("standard", []),
+    "inversion": ("inversion", ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"]),
     # IMLE re-matches at every epoch boundary, one of which falls after the split
-    "imle": ["targets.options.staleness=1", "targets.options.samples_factor=2"],
-    "nearest": ["targets.options.alpha=0.5", "targets.options.k=2"],
+    "imle": ("imle", ["targets.options.staleness=1", "targets.options.samples_factor=2"]),
+    "nearest": ("nearest", ["targets.options.alpha=0.5", "targets.options.k=2"]),
+    # regression fitted until reach 0.5 (at most 4 steps) from a replay pool of the last 3 batches
+    "fit-replay": ("inversion", ["targets.options.lambda1=0.25", "targets.options.step_rule=normalized",
+                                 "regression.until_reach=0.5", "regression.max_steps=4", "regression.replay=3"]),
 }
 
 
-@pytest.mark.parametrize("targets", list(EXTRA))
-def test_stop_and_resume_is_bit_identical(tiny_config, targets):
-    extra = EXTRA[targets]
+@pytest.mark.parametrize("case", list(EXTRA))
+def test_stop_and_resume_is_bit_identical(tiny_config, case):
+    targets, extra = EXTRA[case]
     whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), plan_run_dir(c, False), progress=False)
 
     first = tiny_config(*LONG, "train.steps=13", *extra, targets=targets, name="split")
