@@ -61,6 +61,9 @@ def assert_same_generator(a: Path, b: Path) -> None:
     ("standard", []),
     ("inversion", ["targets.options.lambda1=0.5", "regression.lr=0.0004"]),
     ("inversion", ["targets.options.steps=2", "regression.reduction=mean", "regression.steps=2", "regression.lr=0.01"]),
+    # every process stops at the same regression step (reach over the global batch) and replays the same batches
+    ("inversion", ["targets.options.step_rule=normalized", "targets.options.lambda1=0.5", "regression.until_reach=0.9",
+                   "regression.max_steps=3", "regression.replay=2"]),
 ])
 def test_two_processes_train_the_same_generator_as_one(tmp_path, targets, options):
     single = load_config(CONFIGS / "toy2d.yaml", [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=one", *options], targets)
