@@ -185,6 +185,10 @@ def _type_name(tp: Any) -> str:
         return f"a list of {len(typing.get_args(tp))} numbers"
     if origin is dict:
         return "a mapping"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -243,6 +247,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         key_type, value_type = typing.get_args(tp)
         if isinstance(value, dict):
             return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    elif origin is list:  # e.g. the sources of a mix: list[MemberOptions], each element named by its position
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -290,6 +298,9 @@ def from_dict(cls: type, raw: dict[str, Any] | None, where: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], path)
         if "bounds" in fields[key].metadata:
             _check_bounds(kwargs[key], fields[key].metadata["bounds"], path)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where + '.' if where else ''}{name}: missing; this key has no default")
     return cls(**kwargs)
 
 

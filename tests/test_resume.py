@@ -45,6 +45,11 @@ EXTRA = {
     # regression fitted until reach 0.5 (at most 4 steps) from a replay pool of the last 3 batches
     "fit-replay": ("inversion", ["targets.options.lambda1=0.25", "targets.options.step_rule=normalized",
                                  "regression.until_reach=0.5", "regression.max_steps=4", "regression.replay=3"]),
+    # every member's state (a discriminator, IMLE's matches) under its label
+    "mix-split": ("mix", ["targets.options.sources=[{name: inversion, weight: 0.7, options: {lambda1: 0.25}}, "
+                          "{name: imle, weight: 0.3, options: {staleness: 1, samples_factor: 2}}]"]),
+    "mix-alternate": ("mix", ["targets.options.mode=alternate", "targets.options.sources=[{name: inversion, weight: 0.6}, "
+                              "{name: imle, weight: 0.4, options: {staleness: 1, samples_factor: 2}}]"]),
 }
 
 
