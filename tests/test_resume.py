@@ -41,6 +41,8 @@ EXTRA = {
     "inversion": ("inversion", ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"]),
     # IMLE re-matches at every epoch boundary, one of which falls after the split
     "imle": ("imle", ["targets.options.staleness=1", "targets.options.samples_factor=2"]),
+    "imle-adaptive": ("imle", ["targets.options.adaptive=true", "targets.options.staleness=1",
+                               "targets.options.samples_factor=2", "targets.options.force_after=2"]),
     "nearest": ("nearest", ["targets.options.alpha=0.5", "targets.options.k=2"]),
     # regression fitted until reach 0.5 (at most 4 steps) from a replay pool of the last 3 batches
     "fit-replay": ("inversion", ["targets.options.lambda1=0.25", "targets.options.step_rule=normalized",
