@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SEARCH = Path(__file__).parents[1] / "benchmarks" / "search.py"
 
 
-def test_search_memory_probe_runs_one_imle_matching():
-    command = [sys.executable, str(SEARCH), "--rss-probe", "40", "--space", "downsample", "--budget", "0.05"]
+@pytest.mark.parametrize("variant", [[], ["--adaptive"]])
+def test_search_memory_probe_runs_one_imle_matching(variant):
+    command = [sys.executable, str(SEARCH), "--rss-probe", "40", "--space", "downsample", "--budget", "0.05", *variant]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     probe = json.loads(result.stdout.strip().splitlines()[-1])
