@@ -124,7 +124,7 @@ class Mix(TargetGenerator):
             where = f"targets.options.sources[{i}]"
             if spec.name == self.name:
                 raise ConfigError(f"{where}.name: a mix cannot hold another mix; list its sources here instead")
-            if spec.name in registry.RESERVED["targets"]:
+            if spec.name == registry.STANDARD:
                 raise ConfigError(f"{where}.name: {spec.name!r} is the end-to-end GAN step, not a target source "
                                   "(inversion gives a discriminator's targets)")
             source_cls = registry.load("targets", spec.name, f"{where}.name")

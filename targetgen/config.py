@@ -95,6 +95,10 @@ class TrainConfig:
     out_dir: str = "runs"
     epochs: int = bounded(30, ge=1)
     steps: int | None = bounded(None, ge=1)  # when set, overrides epochs
+    # Stop at the first step boundary past this many seconds of training steps (as train_s counts them: not
+    # evaluation, samples or checkpoints; summed over resumes), with the final checkpoint, samples and evaluation;
+    # steps / epochs still cap the run. For equal-time comparisons (compare.budget: seconds). None: no limit.
+    max_seconds: float | None = bounded(None, gt=0)
     batch_size: int = bounded(128, ge=1)
     # null: false in one process (the tutorial keeps the last, smaller batch), true with several (each
     # process needs an equal share of every global batch); the resolved value is recorded

@@ -158,6 +158,13 @@ def all_sum(values: Tensor, world_size: int) -> Tensor:
     return summed.to(values.device)
 
 
+def anywhere(flag: bool, processes: Processes) -> bool:
+    """Whether ``flag`` holds in any process (every process must call this together), so that all act alike."""
+    if not processes.distributed:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)]), processes.world_size).item() > 0)
+
+
 def _all_gather(tensor: Tensor, processes: Processes) -> Tensor:
     device = _communication_device()
     parts = [torch.empty_like(tensor, device=device) for _ in range(processes.world_size)]

@@ -1,14 +1,19 @@
 """Checkpoints: exact resume, crash recovery, atomic writes, divergence guard."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from targetgen.config import load_config
 from targetgen.errors import CheckpointError, DivergenceError, RunDirectoryError
 from targetgen.training import CHECKPOINT, config_of_run, plan_run_dir, train
 from targetgen.training import checkpoint as checkpoint_module
+from targetgen.training.checkpoint import load_checkpoint
+from targetgen.training.rundir import read_metrics
 from targetgen.training.standard import StandardGAN
+from targetgen.training.trainer import Decomposed
 
 # A run of 20 steps crosses two epoch boundaries of the 1,797 digits at batch 128.
 LONG = ["train.batch_size=128", "train.checkpoint_every=7"]
@@ -148,3 +153,46 @@ def test_resume_may_only_change_the_length(tiny_config):
         config_of_run(run_dir, ["regression.lr=0.1"])
     with pytest.raises(RunDirectoryError, match="not a targetgen run directory"):
         config_of_run(run_dir / "samples")
+
+
+TOY = Path(__file__).parents[1] / "configs" / "toy2d.yaml"
+TIMED = ["train.steps=100000", "train.max_seconds=0.5", "train.log_every=100000", "train.checkpoint_every=10",
+         "train.sample_every=100000", "evaluation.every=100000", "evaluation.n=64", "data.num_points=500",
+         "train.loggers=jsonl"]
+
+
+def test_a_time_limit_stops_the_run_at_the_first_step_past_it(tmp_path):
+    config = load_config(TOY, [*TIMED, f"train.out_dir={tmp_path}", "train.name=timed"], "inversion")
+    run_dir = plan_run_dir(config, False)
+    run = train(config, run_dir, progress=False)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    logged, evaluated = records[-2], records[-1]  # the last step is logged and evaluated, like a planned last one
+    assert "eval/modes_covered" in evaluated and evaluated["step"] == logged["step"] == run.step < 100000
+    assert 0.5 <= logged["train_s"] < 1.5  # past the limit by less than a step (and the machine's hiccups)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    assert checkpoint["step"] == run.step and checkpoint["seconds"] == logged["train_s"]
+    assert (run_dir / "samples" / "final.png").is_file()
+    # resuming a run that has used up its time trains nothing more
+    again = train(config_of_run(run_dir), run_dir, resume=True, progress=False)
+    assert again.step == run.step and load_checkpoint(run_dir / CHECKPOINT)["step"] == run.step
+
+
+def test_a_resumed_run_continues_towards_the_same_time_limit(tmp_path, monkeypatch):
+    config = load_config(TOY, [*TIMED, f"train.out_dir={tmp_path}", "train.name=timed"], "inversion")
+    run_dir = plan_run_dir(config, False)
+    original = Decomposed.step
+
+    def crash_at_25(self, batch, step, log):
+        if step == 24:
+            raise KeyboardInterrupt
+        return original(self, batch, step, log)
+
+    monkeypatch.setattr(Decomposed, "step", crash_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, progress=False)
+    before = load_checkpoint(run_dir / CHECKPOINT)
+    assert before["step"] == 20 and before["seconds"] < 0.5
+    monkeypatch.setattr(Decomposed, "step", original)
+    resumed = train(config_of_run(run_dir), run_dir, resume=True, progress=False)
+    after = load_checkpoint(run_dir / CHECKPOINT)
+    assert after["step"] == resumed.step > 20 and 0.5 <= after["seconds"] < 1.5  # the seconds of both parts
