@@ -27,6 +27,8 @@ TRAIN = [
     (["--set", "train.steps=0"], "train.steps: expected an integer >= 1, got 0"),
     (["--set", "train.steps=1.5"], "train.steps: expected int or null, got 1.5"),
     (["--set", "train.epochs=0"], "train.epochs: expected an integer >= 1, got 0"),
+    (["--set", "train.max_seconds=0"], "train.max_seconds: expected a number > 0, got 0.0"),
+    (["--targets", "imle", "--set", "targets.options.change_coef=0"], "targets.options.change_coef: expected a number in (0, 1), got 0.0"),
     (["--set", "train.log_every=0"], "train.log_every: expected an integer >= 1, got 0"),
     (["--set", "train.checkpoint_every=0"], "train.checkpoint_every: expected an integer >= 1, got 0"),
     (["--set", "train.sample_every=-1"], "train.sample_every: expected an integer >= 1, got -1"),
