@@ -88,7 +88,9 @@ def train(
         leave(processes)
     if processes.is_main:
         where = f" on {processes.world_size} processes" if processes.distributed else ""
-        console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {run.total_steps} steps{where}")
+        steps = (f"{run.total_steps} steps" if run.step == run.total_steps else
+                 f"{run.step} of {run.total_steps} steps (train.max_seconds: {cfg.train.max_seconds:g} s of training reached)")
+        console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {steps}{where}")
         console.print(f"samples:    {run_dir / 'samples'}")
         console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
         console.print(f"checkpoint: {run_dir / CHECKPOINT}")
@@ -243,8 +245,10 @@ def compare(
     with run_lock(out, "targetgen compare"):  # one comparison at a time in a folder
         write_plan(plan, shlex.join(["targetgen", *sys.argv[1:]]))
         labels = ", ".join(c.label for c in plan.configurations)
-        console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs: {labels}",
-                      soft_wrap=True, highlight=False)
+        equal = (f"{plan.runs[0].config['train']['max_seconds']:g} s of training each" if plan.compare.budget == "seconds"
+                 else "equal steps")
+        console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs "
+                      f"({equal}): {labels}", soft_wrap=True, highlight=False)
         outcome = run_plan(plan, jobs, console, progress, job_devices(devices))
         paths = write_report(out)
     console.print("report: " + ", ".join(str(p) for p in paths))

@@ -9,6 +9,19 @@ targets by N1 gradient steps on the samples (the propose phase):
 δ1 is mean-reduced, like the GAN loss, so that regressing the generator onto
 x' with summed ½‖G(z) − x'‖² and step λ2 = η / λ1 is exactly the standard GAN
 generator step of size η.
+
+That step's length follows the scale of D's gradient, which has nothing to do
+with distances in data space (with Adam the generator then moves hundreds of
+times further than the targets ask). ``step_rule`` chooses how far a step goes:
+
+* ``gradient`` — the step above (the paper's; the default);
+* ``normalized`` — λ1/N1 along each sample's unit gradient (L2 over all of its
+  elements), so that λ1 *is* the distance in data space a target lies from
+  its sample after N1 steps in one direction; a sample whose gradient is zero
+  stays where it is;
+* ``mixed`` — the gradient step, shortened to at most λ1/N1 per sample: small
+  gradients keep their size, so a sample D already finds real moves little,
+  but no sample moves further than the data-space bound.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded,
 from targetgen.api import require_finite
 from targetgen.distributed import unwrap
 from targetgen.errors import ConfigError
-from targetgen.models import forward_preserving_buffers
+from targetgen.models import forward_preserving_buffers, frozen
 from targetgen.schedules import scheduled
 
 
@@ -32,6 +45,7 @@ from targetgen.schedules import scheduled
 class InversionOptions:
     lambda1: float = bounded(1.0, gt=0)  # λ1, the inversion step size (split over N1 steps)
     steps: int = bounded(1, ge=1)  # N1
+    step_rule: Literal["gradient", "normalized", "mixed"] = "gradient"  # how far each of the N1 steps goes (above)
     discrepancy: Literal["bce", "l2", "hinge", "wasserstein"] = "bce"  # δ1 towards "real"
     regularizers: dict[str, float] = bounded(factory=dict, ge=0)  # e.g. {tv: 0.01}
     clamp: bool = False  # project x' onto [-1, 1] after every inversion step
@@ -58,6 +72,19 @@ def discrepancy(output: Tensor, kind: str, probabilities: bool) -> Tensor:
     if kind == "hinge":
         return F.relu(1.0 - output).mean()
     return -output.mean()  # wasserstein
+
+
+def inversion_move(grad: Tensor, rule: str, step_size: float, length: float) -> Tensor:
+    """What one inversion step subtracts from the samples: ``step_size`` × the gradient (``gradient``),
+    ``length`` along each sample's unit gradient (``normalized``), or the gradient step cut to at most
+    ``length`` per sample (``mixed``). Lengths are L2 norms over a sample's elements."""
+    if rule == "gradient":
+        return step_size * grad
+    norms = grad.flatten(1).norm(dim=1).view(-1, *(1,) * (grad.dim() - 1))
+    tiny = torch.finfo(grad.dtype).tiny  # a zero gradient moves nothing (0 / tiny), never NaN
+    if rule == "normalized":
+        return grad * (length / norms.clamp_min(tiny))
+    return step_size * grad * (length / (step_size * norms).clamp_min(tiny)).clamp(max=1.0)
 
 
 def _d_terms(kind: str, out_real: Tensor | None, out_fake: Tensor | None) -> Tensor:
@@ -137,30 +164,32 @@ class DiscriminatorInversion(TargetGenerator):
         return scheduled(o.lambda1, o.schedule, step, self.context.total_steps, o.final_fraction)
 
     def inverse_examples(self, x0: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """N1 gradient steps of size λ1/N1 from the samples ``x0`` towards "real".
+        """N1 steps of length λ1/N1 (by ``step_rule``) from the samples ``x0`` towards "real".
 
         Returns x' (detached) and the mean discriminator output on ``x0``.
-        Only ``x`` is differentiated, never the discriminator's weights.
+        Only ``x`` is differentiated: the discriminator is frozen (its weights
+        detached, gathered once for all N1 passes) and its BatchNorm
+        statistics stay as the update left them.
         """
         o = self.options
+        length = self.lambda1(step) / o.steps
         # δ1 is a mean over the batch; distributed, each process holds 1/world_size of the
         # global batch, so its mean is rescaled to the global one's per-sample weight.
-        step_size = self.lambda1(step) / o.steps / self.context.world_size
-        netD = self.plain_netD
-        probabilities = netD.outputs_probabilities
+        step_size = length / self.context.world_size
+        netD = frozen(self.plain_netD)
+        probabilities = self.plain_netD.outputs_probabilities
         x = x0  # float32 (or float64) even under bf16: Autocast hands back float32
         d_before = torch.zeros(())
         for i in range(o.steps):
             x = x.detach().requires_grad_(True)
-            # the discriminator is read, never changed: its BatchNorm statistics stay as the update left them
-            output = require_finite(forward_preserving_buffers(netD, x).view(-1), "D(x') during inversion")
+            output = require_finite(netD(x).view(-1), "D(x') during inversion")
             if i == 0:
                 d_before = output.mean().detach()
             delta1 = discrepancy(output, o.discrepancy, probabilities)
             for regularizer, weight in self.regularizers:
                 delta1 = delta1 + weight * regularizer(x, x0)
             (grad,) = torch.autograd.grad(delta1, x)
-            x = x.detach() - step_size * grad
+            x = x.detach() - inversion_move(grad, o.step_rule, step_size, length)
             if o.clamp:
                 x = x.clamp(-1.0, 1.0)
         return x.detach(), d_before

@@ -21,7 +21,7 @@ inversion options are swept.
 Layout of the output folder ``DIR``::
 
     DIR/command.txt          the command line, for the report
-    DIR/plan.json            every run in plan order (label, source, seed, control)
+    DIR/plan.json            every run in plan order (label, source, seed, control, budget)
     DIR/configs/<run>.yaml   the config each run was planned with
     DIR/runs/<run>/          ordinary run directories (+ summary.json once finished)
     DIR/logs/<run>.log       each run's own output
@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -58,6 +58,9 @@ class CompareConfig:
     seeds: int = 1  # each configuration runs with seeds train.seed, train.seed + 1, ...
     grid: dict[str, Any] = field(default_factory=dict)  # axis → list of values, or of {key: value} points
     control: bool = True  # add "standard, G lr = λ2" next to inversion runs whose λ2 differs from standard's lr
+    # What every run gets equally: its steps (train.steps / epochs), or its seconds of training steps
+    # (train.max_seconds, which must then be set; train.steps / epochs only cap the steps)
+    budget: Literal["steps", "seconds"] = "steps"
 
 
 @dataclass
@@ -284,10 +287,12 @@ def plan_comparison(
         if other != c.label:
             raise ConfigError(f"compare.grid: configurations {other!r} and {c.label!r} would share a run directory; "
                               "give their points distinct ASCII labels")
-    runs, lengths = [], {}
+    runs, lengths, limits = [], {}, set()
     for configuration in configurations:
         source_raw = _source_config(raw, configuration.source, configuration.settings)
         config, _ = _resolved(source_raw, configuration.label)
+        _check_budget(compare.budget, config.train.max_seconds, configuration.label)
+        limits.add(config.train.max_seconds)
         for i in range(compare.seeds):
             seed = config.train.seed + i
             name = f"{_slug(configuration.label)}-seed{seed}"
@@ -298,7 +303,19 @@ def plan_comparison(
             if not config.evaluation.every:  # curves need in-run evaluations: about ten per run
                 _set(run_raw, "evaluation.every", max(1, _total_steps(config, lengths) // 10))
             runs.append(PlannedRun(name, configuration, seed, run_raw))
+    if len(limits) > 1:
+        raise ConfigError(f"train.max_seconds: the grid gives configurations different limits "
+                          f"({', '.join(f'{v:g}' for v in sorted(limits))}); compare.budget: seconds needs one for all")
     return Plan(out, compare, configurations, runs)
+
+
+def _check_budget(budget: str, max_seconds: float | None, label: str) -> None:
+    if budget == "seconds" and max_seconds is None:
+        raise ConfigError("compare.budget: seconds needs train.max_seconds, the training seconds every run gets "
+                          "(e.g. --set train.max_seconds=120); train.steps or train.epochs then only caps the steps")
+    if budget == "steps" and max_seconds is not None:
+        raise ConfigError(f"train.max_seconds: {max_seconds:g} would stop {label!r} by time while compare.budget is "
+                          "steps; set compare.budget: seconds, or leave train.max_seconds unset")
 
 
 # ----------------------------------------------------------------------------- the plan on disk
@@ -333,7 +350,7 @@ def write_plan(plan: Plan, command: str) -> None:
         (configs / f"{run.name}.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
     entries = [
         {"name": r.name, "label": r.configuration.label, "source": r.configuration.source, "seed": r.seed,
-         "control": r.configuration.control, "settings": r.configuration.settings}
+         "control": r.configuration.control, "settings": r.configuration.settings, "budget": plan.compare.budget}
         for r in plan.runs
     ]
     (plan.out / "plan.json").write_text(json.dumps(entries, indent=1) + "\n")
@@ -383,7 +400,8 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
         "name": run.name, "label": run.configuration.label, "source": run.configuration.source,
         "control": run.configuration.control, "seed": run.seed, "settings": run.configuration.settings,
         "steps": last.get("step"), "images_seen": last.get("images_seen"), "train_s": last.get("train_s"),
-        "wall_s": wall_s, "resumed_from": resumed_from, "metrics": metrics,
+        "max_seconds": run.config["train"].get("max_seconds"), "wall_s": wall_s, "resumed_from": resumed_from,
+        "metrics": metrics,
     }
     partial = run_dir / "summary.json.partial"
     partial.write_text(jsonsafe.dumps(summary, indent=1) + "\n")

@@ -95,6 +95,10 @@ class TrainConfig:
     out_dir: str = "runs"
     epochs: int = bounded(30, ge=1)
     steps: int | None = bounded(None, ge=1)  # when set, overrides epochs
+    # Stop at the first step boundary past this many seconds of training steps (as train_s counts them: not
+    # evaluation, samples or checkpoints; summed over resumes), with the final checkpoint, samples and evaluation;
+    # steps / epochs still cap the run. For equal-time comparisons (compare.budget: seconds). None: no limit.
+    max_seconds: float | None = bounded(None, gt=0)
     batch_size: int = bounded(128, ge=1)
     # null: false in one process (the tutorial keeps the last, smaller batch), true with several (each
     # process needs an equal share of every global batch); the resolved value is recorded
@@ -140,6 +144,13 @@ class RegressionConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_fraction: float = bounded(0.0, ge=0, le=1)  # linear / cosine: λ2 at the end, as a fraction of lr
     ema: float | None = bounded(None, gt=0, lt=1)  # decay of an EMA copy of the generator used for samples
+    # Fit the targets instead of taking N2 steps: after the N2 steps (each of λ2 / N2), keep stepping until the
+    # target reach on the step's targets is at least until_reach, or max_steps steps are done. None: N2 steps.
+    until_reach: float | None = bounded(None, gt=0, le=1)
+    max_steps: int = bounded(20, ge=1)  # until_reach: at most this many regression steps per training step
+    # Every regression step after a step's first fits one batch drawn uniformly from the last `replay` batches
+    # of targets (this step's included), so that the generator keeps fitting recent targets. None: no replay.
+    replay: int | None = bounded(None, ge=1)
 
 
 @dataclass
@@ -177,6 +188,10 @@ def _type_name(tp: Any) -> str:
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
     if origin is dict:
+        return "a mapping"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
@@ -236,6 +251,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         key_type, value_type = typing.get_args(tp)
         if isinstance(value, dict):
             return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    elif origin is list:  # e.g. the sources of a mix: list[MemberOptions], each element named by its position
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -283,6 +302,9 @@ def from_dict(cls: type, raw: dict[str, Any] | None, where: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], path)
         if "bounds" in fields[key].metadata:
             _check_bounds(kwargs[key], fields[key].metadata["bounds"], path)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where + '.' if where else ''}{name}: missing; this key has no default")
     return cls(**kwargs)
 
 

@@ -149,6 +149,22 @@ def average(stats: dict[str, float], processes: Processes) -> dict[str, float]:
     return {k: v / processes.world_size for k, v in zip(keys, values.tolist())}
 
 
+def all_sum(values: Tensor, world_size: int) -> Tensor:
+    """``values`` summed over the processes (every process must call this together); alone, ``values``."""
+    if world_size <= 1:
+        return values
+    summed = values.to(_communication_device(), copy=True)
+    dist.all_reduce(summed)
+    return summed.to(values.device)
+
+
+def anywhere(flag: bool, processes: Processes) -> bool:
+    """Whether ``flag`` holds in any process (every process must call this together), so that all act alike."""
+    if not processes.distributed:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)]), processes.world_size).item() > 0)
+
+
 def _all_gather(tensor: Tensor, processes: Processes) -> Tensor:
     device = _communication_device()
     parts = [torch.empty_like(tensor, device=device) for _ in range(processes.world_size)]

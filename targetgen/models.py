@@ -227,3 +227,17 @@ def forward_preserving_buffers(module: nn.Module, *inputs: Tensor) -> Tensor:
     """
     buffers = {name: buf.clone() for name, buf in module.named_buffers()}
     return functional_call(module, buffers, inputs)
+
+
+def frozen(module: nn.Module):
+    """``module`` as a function of its input alone: weights detached, buffers copied once.
+
+    For many forward passes that differentiate the input only (inverse
+    examples): no parameter enters the autograd graph, so nothing is recorded
+    for the weights, and the weights and buffers are gathered once instead of
+    once per pass. Like ``forward_preserving_buffers``, a train-mode BatchNorm
+    updates only the copied statistics, which its train-mode output never reads.
+    """
+    state = {name: p.detach() for name, p in module.named_parameters()}
+    state.update({name: buf.clone() for name, buf in module.named_buffers()})
+    return lambda *inputs: functional_call(module, state, inputs)

@@ -21,8 +21,9 @@ GROUPS = {
     "loggers": "targetgen.loggers",
 }
 
+STANDARD = "standard"  # the end-to-end GAN baseline: no target source, no regression engine
 # Names handled by the trainer itself rather than by a plugin.
-RESERVED = {"targets": {"standard"}}
+RESERVED = {"targets": {STANDARD}}
 
 
 def _distribution(ep: EntryPoint) -> str:

@@ -1,8 +1,14 @@
 """The regression engine: fits the generator to a target source's ``(z, x')`` pairs.
 
 It is the same for every target source. It owns the generator's optimizer, the
-λ2 schedule and the optional EMA copy of the generator; the source decides
-nothing about how the generator is fitted.
+λ2 schedule, the optional EMA copy of the generator and the optional replay
+pool of recent targets; the source decides nothing about how the generator is
+fitted.
+
+By default a step takes N2 optimiser steps. ``until_reach`` makes it fit the
+targets instead: it keeps stepping until the generator has made the requested
+share of the move (target reach), up to ``max_steps``. ``replay`` lets the
+steps after the first fit earlier targets too, drawn from the last K batches.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from . import registry
 from .api import Targets
 from .config import RegressionConfig
-from .distributed import unwrap
+from .distributed import all_sum, unwrap
 from .errors import ConfigError
 from .models import forward_preserving_buffers
 from .schedules import scheduled
@@ -23,6 +29,31 @@ from .schedules import scheduled
 def _check(config: RegressionConfig) -> None:
     if not config.loss:
         raise ConfigError("regression.loss: give at least one loss, e.g. {l2: 1.0}")
+    if config.replay is not None and config.steps == 1 and config.until_reach is None:
+        raise ConfigError(f"regression.replay: {config.replay} does nothing with one regression step per training step "
+                          "(replay serves the steps after the first); set regression.steps > 1 or regression.until_reach")
+    if config.until_reach is not None and config.max_steps < config.steps:
+        raise ConfigError(f"regression.max_steps: {config.max_steps} is below regression.steps ({config.steps}); "
+                          "until_reach takes the N2 steps first, so expected at least regression.steps")
+
+
+class ReplayPool:
+    """The last ``size`` batches of targets (z, x', weight), detached, drawn from uniformly.
+
+    Draws use torch's global random number generator, which checkpoints keep,
+    and the pool itself is part of the engine's state: resume stays exact.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.batches: list[dict[str, Tensor | None]] = []
+
+    def add(self, z: Tensor, x: Tensor, weight: Tensor | None) -> None:
+        self.batches.append({"z": z.detach(), "x": x.detach(), "weight": None if weight is None else weight.detach()})
+        del self.batches[: -self.size]
+
+    def draw(self) -> dict[str, Tensor | None]:
+        return self.batches[int(torch.randint(len(self.batches), ()))]
 
 
 class RegressionEngine:
@@ -33,6 +64,7 @@ class RegressionEngine:
         self.total_steps = total_steps
         # DDP averages gradients over processes; a summed loss must add them up instead
         self.sum_scale = float(world_size)
+        self.world_size = world_size
         self.losses = [(registry.load("losses", name, f"regression.loss.{name}"), weight) for name, weight in config.loss.items()]
         params = generator.parameters()
         if config.optimizer == "adam":
@@ -44,6 +76,7 @@ class RegressionEngine:
             if config.ema is not None
             else None
         )
+        self.replay = ReplayPool(config.replay) if config.replay is not None else None
 
     def loss(self, prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         """δ2: the weighted mix of losses, reduced as configured."""
@@ -60,26 +93,47 @@ class RegressionEngine:
         return scheduled(c.lr, c.schedule, step, self.total_steps, c.final_fraction) / c.steps
 
     def fit(self, targets: Targets, step: int, measure_reach: bool = False) -> dict[str, Tensor | float]:
-        """N2 optimizer steps of δ2(G(z), x'); returns diagnostics for the log."""
+        """N2 optimizer steps of δ2(G(z), x') (with ``until_reach``: as many as it takes, up to
+        ``max_steps``); returns diagnostics for the log."""
+        c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = self.step_size(step)
         z, x_target = targets.z, targets.x.detach()
-        first_loss = before = None
-        for j in range(self.config.steps):
-            use_given = j == 0 and targets.prediction is not None
-            prediction = targets.prediction if use_given else self.generator(z)
-            loss = self.loss(prediction, x_target, targets.weight)
+        if self.replay is not None:
+            self.replay.add(z, x_target, targets.weight)
+        first_loss = before = reach = None
+        taken = 0
+        for j in range(c.steps if c.until_reach is None else c.max_steps):
+            if j == 0:  # the step's own targets, with the source's forward pass when it made one
+                inputs, fitted, weight = z, x_target, targets.weight
+                prediction = targets.prediction if targets.prediction is not None else self.generator(z)
+            else:
+                if self.replay is not None:
+                    batch = self.replay.draw()
+                    inputs, fitted, weight = batch["z"], batch["x"], batch["weight"]
+                prediction = self.generator(inputs)
+            loss = self.loss(prediction, fitted, weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if j == 0:
                 first_loss, before = loss.detach(), prediction.detach()
+            taken = j + 1
+            if c.until_reach is not None and taken >= c.steps:
+                reach = target_reach(unwrap(self.generator), z, before, x_target, self.world_size)
+                if reach >= c.until_reach:
+                    break
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.generator))
 
         stats = {"regression_loss": first_loss}  # a tensor: the loop reads every statistic at once
+        if reach is not None:  # until_reach measured it after every step: the last value is the final reach
+            stats.update(target_reach=reach, regression_steps=float(taken))
+        elif measure_reach:
+            stats["target_reach"] = target_reach(unwrap(self.generator), z, before, x_target, self.world_size)
         if measure_reach:
-            stats["target_reach"] = target_reach(unwrap(self.generator), z, before, x_target)
+            # how far the targets lie from the samples in data space, per pixel (RMS), averaged over samples
+            stats["target_distance_per_pixel"] = (x_target - before).flatten(1).pow(2).mean(1).sqrt().mean()
         return stats
 
     def sampling_generator(self) -> nn.Module:
@@ -89,21 +143,27 @@ class RegressionEngine:
         return {
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "replay": self.replay.batches if self.replay is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.replay is not None:
+            device = next(self.generator.parameters()).device  # checkpoints load onto the CPU
+            self.replay.batches = [{k: None if v is None else v.to(device) for k, v in batch.items()}
+                                   for batch in state.get("replay") or []]
 
 
 @torch.no_grad()
-def target_reach(generator: nn.Module, z: Tensor, before: Tensor, target: Tensor) -> float:
+def target_reach(generator: nn.Module, z: Tensor, before: Tensor, target: Tensor, world_size: int = 1) -> float:
     """r = 1 − ‖G_new(z) − x'‖² / ‖G_old(z) − x'‖²: the share of the requested
     move the generator actually made (1: reached the targets, 0: did not move,
-    < 0: moved away). The paper's inductive-bias term K_θ, measured."""
+    < 0: moved away). The paper's inductive-bias term K_θ, measured.
+    Distributed, over the whole global batch (every process gets the same value)."""
     after = forward_preserving_buffers(generator, z)
-    requested = (before - target).pow(2).sum()
+    requested, missed = all_sum(torch.stack([(before - target).pow(2).sum(), (after - target).pow(2).sum()]), world_size)
     if requested == 0:
         return 1.0
-    return (1.0 - (after - target).pow(2).sum() / requested).item()
+    return (1.0 - missed / requested).item()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunDirectoryError
+from .registry import STANDARD
 
 # Metrics where smaller is better; every other reported metric is better larger.
 LOWER_IS_BETTER = ("fid", "kid", "kl_to_uniform")
@@ -136,29 +137,39 @@ def best_mean(stats: dict[str, Stat], metric: str) -> float:
     return min(means) if lower_is_better(metric) else max(means)
 
 
+def _versus(a: Stat, b: Stat, metric: str) -> str:
+    """How ``a`` compares with ``b``: the relative difference (FID-like) or the difference, and whether
+    their standard errors overlap."""
+    if a.mean == b.mean:
+        return "tied"
+    apart = not (math.isnan(a.se) or math.isnan(b.se)) and abs(a.mean - b.mean) > a.se + b.se
+    if lower_is_better(metric):  # FID-like: the relative reduction
+        change = 100 * (b.mean - a.mean) / abs(b.mean) if b.mean else math.inf
+        difference = f"{abs(change):.1f} % {'lower' if change > 0 else 'higher'}"
+    else:
+        difference = f"{a.mean - b.mean:+.3g}"
+    return f"{difference}, standard errors {'apart' if apart else 'overlap'}"
+
+
 def headline(groups: list[Group], metric: str) -> str | None:
-    """One sentence: the best configuration against standard and against the lr control."""
+    """One sentence: the best configuration against the best-tuned standard GAN, which is the best mean
+    over every standard configuration (the lr controls and any standard grid included), not one lr."""
     stats = metric_stats(groups, metric)
     if not stats:
         return None
-    top = best_mean(stats, metric)
-    best = next(label for label, st in stats.items() if st.mean == top)
-    b = stats[best]
-    parts = [f"best {metric}: **{best}** {_cell(b.mean, b.se)}"]
-    for group in groups:
-        if group.label in stats and group.label != best and (group.label == "standard" or group.control):
-            other = stats[group.label]
-            if other.mean == b.mean:
-                parts.append(f"tied with {group.label}")
-                continue
-            apart = not (math.isnan(other.se) or math.isnan(b.se)) and abs(other.mean - b.mean) > other.se + b.se
-            if lower_is_better(metric):  # FID-like: the relative reduction
-                better = f"{100 * (other.mean - b.mean) / abs(other.mean):.1f}% lower" if other.mean else "lower"
-            else:
-                better = f"{b.mean - other.mean:+.3g}"
-            parts.append(f"vs {group.label} {_cell(other.mean, other.se)}: {better}, "
-                         f"standard errors {'do not overlap' if apart else 'overlap'}")
-    return "; ".join(parts)
+    best = next(label for label, st in stats.items() if st.mean == best_mean(stats, metric))
+    sentence = f"best {metric}: **{best}** {_cell(stats[best].mean, stats[best].se)}"
+    standard = {g.label: stats[g.label] for g in groups if g.source == STANDARD and g.label in stats}
+    others = {label: st for label, st in stats.items() if label not in standard}
+    if not standard or not others:
+        return sentence
+    tuned = next(label for label, st in standard.items() if st.mean == best_mean(standard, metric))
+    if best != tuned:
+        return (f"{sentence}; vs best-tuned standard **{tuned}** {_cell(standard[tuned].mean, standard[tuned].se)}: "
+                f"{_versus(stats[best], standard[tuned], metric)}")
+    rival = next(label for label, st in others.items() if st.mean == best_mean(others, metric))
+    return (f"{sentence}, a standard configuration; the best other, **{rival}** {_cell(others[rival].mean, others[rival].se)}, "
+            f"vs it: {_versus(others[rival], standard[tuned], metric)}")
 
 
 def _best_cell(st: Stat, top: float) -> str:
@@ -170,14 +181,52 @@ def summary_table(groups: list[Group], metrics: list[str]) -> list[str]:
     """One row per configuration, one column per metric (mean ± SE; best in bold), and the training time."""
     stats = {metric: metric_stats(groups, metric) for metric in metrics}
     tops = {metric: best_mean(st, metric) for metric, st in stats.items() if st}
-    lines = ["| configuration | " + " | ".join(metrics) + " | training s | n |", "|---" * (len(metrics) + 3) + "|"]
+    lines = ["| configuration | " + " | ".join(metrics) + " | steps | training s | n |", "|---" * (len(metrics) + 4) + "|"]
     for g in groups:
         if not g.summaries:
             continue
         cells = [_best_cell(stats[m][g.label], tops[m]) if g.label in stats[m] else "—" for m in metrics]
+        steps = mean_se([s["steps"] or 0 for s in g.summaries])[0]
         seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])[0]
-        lines.append(f"| {g.label} | " + " | ".join(cells) + f" | {seconds:.0f} | {len(g.summaries)} |")
+        lines.append(f"| {g.label} | " + " | ".join(cells) + f" | {steps:.0f} | {seconds:.0f} | {len(g.summaries)} |")
     return lines
+
+
+def _spread(values: list[float]) -> str:
+    """One value when every seed has it, else mean ± standard error."""
+    return f"{values[0]:,}" if len(set(values)) == 1 else _cell(*mean_se(values), digits=3)
+
+
+def budget_section(groups: list[Group], budget: str) -> list[str]:
+    """What every run got equally, and the steps, images and seconds each configuration used."""
+    finished = [s for g in groups for s in g.summaries]
+    if budget == "seconds":
+        limit = max((s.get("max_seconds") or 0.0 for s in finished), default=0.0)
+        intro = (f"Equal budget: **training time**. Every run trained for {limit:g} s of training steps (evaluation, "
+                 "samples and checkpoints excluded) and stopped at the first step boundary past it; the steps and "
+                 "images seen are what each configuration did in that time (mean ± standard error over seeds).")
+    else:
+        intro = ("Equal budget: **steps**. Every run trained the same number of steps at the same batch size; "
+                 "the training seconds (evaluation, samples and checkpoints excluded) are what each configuration "
+                 "took (mean ± standard error over seeds).")
+    lines = ["## Budget", "", intro, "", "| configuration | steps | images seen | training s |", "|---|---|---|---|"]
+    for g in groups:
+        if g.summaries:
+            seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])
+            lines.append(f"| {g.label} | {_spread([s['steps'] for s in g.summaries])} | "
+                         f"{_spread([s['images_seen'] for s in g.summaries])} | {_cell(*seconds, digits=3)} |")
+    if budget == "seconds":
+        capped = [f"{s['label']} seed {s['seed']}" for s in finished if (s["train_s"] or 0.0) < (s.get("max_seconds") or 0.0)]
+        if capped:
+            lines += ["", f"Reached their step cap (train.steps / epochs) before the time limit, so had less time: "
+                      f"{', '.join(capped)}; raise the cap to make the budget equal."]
+    return lines
+
+
+def plan_budget(out: Path) -> str:
+    """What the comparison held equal (compare.budget): steps, or seconds of training."""
+    entries = json.loads((out / "plan.json").read_text())
+    return entries[0].get("budget", "steps") if entries else "steps"  # plans before budgets held steps equal
 
 
 def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
@@ -190,7 +239,8 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
         f"{runs} of {planned} planned runs finished. Each cell: mean ± standard error over seeds (n in the last "
         "column); the best configuration per metric is in bold. Rows marked (control) are the standard GAN "
         "with generator lr = λ2 of an inversion row (docs/design.md: with Adam and N1 = N2 = 1, the decomposed "
-        "step at (λ1, λ2) is nearly that run).", "",
+        "step at (λ1, λ2) is nearly that run). The best-tuned standard is the best standard configuration "
+        "(every learning rate tried, the controls included).", "",
     ]
     headlines = [m for m in metrics if m.startswith("fid")][:1] + [m for m in ("modes_covered", "high_quality_share") if m in metrics]
     for metric in headlines:
@@ -213,14 +263,7 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
         for label, st in stats.items():
             lines.append(f"| {label} | {_best_cell(st, top)} | {st.n} |")
         lines.append("")
-    lines += ["## Budget", "", "Equal steps and batch size for every run; training seconds exclude evaluation "
-              "and checkpointing.", "", "| configuration | steps | images seen | training s |", "|---|---|---|---|"]
-    for g in groups:
-        if g.summaries:
-            steps = {s["steps"] for s in g.summaries}
-            images = {s["images_seen"] for s in g.summaries}
-            seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])
-            lines.append(f"| {g.label} | {', '.join(map(str, sorted(steps)))} | {', '.join(map(str, sorted(images)))} | {_cell(*seconds, digits=3)} |")
+    lines += budget_section(groups, plan_budget(out))
     lines += ["", "## Runs and their resolved configs", ""]
     for g in groups:
         for s in g.summaries:

@@ -30,7 +30,7 @@ def test_config_errors_are_one_line_without_traceback(tmp_path):
     code, out, err = run_cli("train", "--set", "train.batchsize=3")
     assert code == 2
     assert err.strip().splitlines() == ["error: unknown key 'train.batchsize'; did you mean 'batch_size'? (valid keys: "
-                                        "name, out_dir, epochs, steps, batch_size, drop_last, seed, device, log_every, "
+                                        "name, out_dir, epochs, steps, max_seconds, batch_size, drop_last, seed, device, log_every, "
                                         "sample_every, checkpoint_every, precision, channels_last, cudnn_benchmark, threads, loggers, "
                                         "keep_checkpoints, best_metric)"]
     assert "Traceback" not in err

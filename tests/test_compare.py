@@ -12,7 +12,7 @@ from rich.console import Console
 
 from targetgen.compare import plan_comparison, run_plan, write_plan
 from targetgen.errors import ConfigError, PluginError
-from targetgen.report import mean_se, write_report
+from targetgen.report import Group, headline, mean_se, write_report
 from targetgen.training import train
 from targetgen.training import callbacks as callbacks_module
 from targetgen.config import from_dict, Config
@@ -88,6 +88,12 @@ def test_grid_points_apply_to_the_sources_that_have_their_keys(tmp_path):
     (["compare.grid.mixed=[{targets.options.lambda1: 0.5}, {regression.lr: 0.001}]"], [], "inversion,imle",
      "points that apply to 'imle' and points that do not"),
     ([], ["targets.options.lambda1=fast,1"], "inversion", "targets.options.lambda1: expected float"),
+    (["compare.budget=seconds"], [], "inversion", "compare.budget: seconds needs train.max_seconds"),
+    (["compare.budget=minutes"], [], "inversion", "compare.budget: expected one of 'steps', 'seconds', got 'minutes'"),
+    (["train.max_seconds=60"], [], "standard,inversion",
+     "train.max_seconds: 60 would stop 'standard' by time while compare.budget is steps"),
+    (["compare.budget=seconds", "train.max_seconds=60"], ["train.max_seconds=30,60"], "inversion",
+     r"train.max_seconds: the grid gives configurations different limits \(30, 60\)"),
 ])
 def test_bad_plans_are_refused_before_anything_trains(tmp_path, overrides, grid, targets, message):
     with pytest.raises(ConfigError, match=message):
@@ -135,6 +141,29 @@ def test_ring8_preset_gives_standard_and_inversion_the_same_learning_rates(tmp_p
     assert first["inversion"]["targets"]["options"]["d_lr"] == 0.001 and first["inversion"]["regression"]["lr"] == 0.001
 
 
+def _groups(means: dict[str, tuple[str, list[float]]]) -> list[Group]:
+    return [Group(label, source, "(control)" in label, [{"metrics": {"fid": v}} for v in values])
+            for label, (source, values) in means.items()]
+
+
+def test_the_headline_compares_the_best_with_the_best_tuned_standard():
+    groups = _groups({
+        "standard": ("standard", [10.0, 12.0]),  # the tutorial's lr
+        "standard g_lr=0.0008": ("standard", [5.0, 6.0]),  # the best standard: the one to beat
+        "inversion": ("inversion", [4.0, 4.4]),
+        "standard G-lr=0.001 (control)": ("standard", [7.0, 8.0]),
+    })
+    assert headline(groups, "fid") == ("best fid: **inversion** 4.2 ± 0.2; vs best-tuned standard "
+                                       "**standard g_lr=0.0008** 5.5 ± 0.5: 23.6 % lower, standard errors apart")
+    groups[1].summaries = [{"metrics": {"fid": v}} for v in (4.0, 5.0)]  # now within one standard error
+    assert headline(groups, "fid").endswith("4.5 ± 0.5: 6.7 % lower, standard errors overlap")
+    groups[3].summaries = [{"metrics": {"fid": v}} for v in (3.0, 3.2)]  # a control is best overall
+    assert headline(groups, "fid") == ("best fid: **standard G-lr=0.001 (control)** 3.1 ± 0.1, a standard "
+                                       "configuration; the best other, **inversion** 4.2 ± 0.2, vs it: 35.5 % higher, "
+                                       "standard errors apart")
+    assert headline(_groups({"imle": ("imle", [3.0]), "nearest": ("nearest", [5.0])}), "fid") == "best fid: **imle** 3"
+
+
 def test_mean_and_standard_error():
     mean, se = mean_se([1.0, 2.0, 3.0])
     assert mean == 2.0 and math.isclose(se, 1 / math.sqrt(3))
@@ -166,6 +195,7 @@ def test_tiny_comparison_writes_the_report_and_skips_finished_runs(tmp_path):
     assert "## fid_pixels (lower is better)" in report and "standard G-lr=0.0008 (control)" in report
     assert "| configuration | fid_pixels | kid_pixels | modes_covered | high_quality_share | precision |" in report  # overview
     assert report.count("**") >= 2  # a best cell per table
+    assert "Equal budget: **steps**" in report
     assert "targetgen compare --config" in report  # the exact command
     for png in ("curves.png", "samples.png"):
         assert (out / png).stat().st_size > 10_000
@@ -181,6 +211,24 @@ def test_tiny_comparison_writes_the_report_and_skips_finished_runs(tmp_path):
     # the same folder with a different plan is refused, naming what changed
     code, _, stderr = run_cli(*[a if a != "train.steps=30" else "train.steps=40" for a in args])
     assert code == 2 and "planned differently (train.steps: 30 there, 40 now)" in stderr
+
+
+def test_a_seconds_budget_gives_every_run_the_same_training_time(tmp_path):
+    out = tmp_path / "cmp"
+    timed = [*SHORT, "train.steps=100000", "train.max_seconds=0.5", "train.log_every=100000",
+             "train.checkpoint_every=100000", "evaluation.every=100000", "compare.budget=seconds"]
+    code, stdout, stderr = run_cli("compare", "--config", str(TOY), "--targets", "standard,inversion", "--out", str(out),
+                                   "--no-progress", "--no-control", *[a for s in timed for a in ("--set", s)])
+    assert code == 0, stderr
+    assert "2 configurations × 1 seeds = 2 runs (0.5 s of training each)" in stdout
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:  # each stopped at the first step past 0.5 s, with its final evaluation
+        assert 0.5 <= float(row["train_s"]) < 1.5 and 0 < int(row["steps"]) < 100000, row
+        assert math.isfinite(float(row["high_quality_share"]))
+    report = (out / "report.md").read_text()
+    assert "Equal budget: **training time**. Every run trained for 0.5 s of training steps" in report
+    assert "Reached their step cap" not in report
 
 
 def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ def fake_celeba(tmp_path):
 
 
 @pytest.mark.parametrize("name, source", [("digits", "inversion"), ("mnist5k", "inversion"), ("toy2d", "inversion"),
+                                          ("toy2d_mix", "mix"),
                                           ("celeba_baseline", "standard"), ("celeba_decomposed", "inversion")])
 def test_preset_trains(name, source, tmp_path, fake_celeba):
     extra = [f"data.path={fake_celeba}", "data.num_workers=0"] if name.startswith("celeba") else []

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 from targetgen.config import Config, from_dict, load_config, to_dict
 from targetgen.data import TensorImages
@@ -61,6 +62,9 @@ def assert_same_generator(a: Path, b: Path) -> None:
     ("standard", []),
     ("inversion", ["targets.options.lambda1=0.5", "regression.lr=0.0004"]),
     ("inversion", ["targets.options.steps=2", "regression.reduction=mean", "regression.steps=2", "regression.lr=0.01"]),
+    # every process stops at the same regression step (reach over the global batch) and replays the same batches
+    ("inversion", ["targets.options.step_rule=normalized", "targets.options.lambda1=0.5", "regression.until_reach=0.9",
+                   "regression.max_steps=3", "regression.replay=2"]),
 ])
 def test_two_processes_train_the_same_generator_as_one(tmp_path, targets, options):
     single = load_config(CONFIGS / "toy2d.yaml", [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=one", *options], targets)
@@ -96,31 +100,41 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
     assert_same_generator(tmp_path / "one", tmp_path / "two")
 
 
-def _imle_worker(rank, world_size, init_file, data, out_file):
+def _matched(data: Tensor, adaptive: bool, processes: Processes = Processes()) -> IMLE:
+    """IMLE after its first matching; adaptive, after a second one in which data points 1 and 4 are due."""
+    context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
+                              image_shape=(2,), device=torch.device("cpu"), rank=processes.rank,
+                              world_size=processes.world_size, latent_shape=(2,), seed=3)
+    imle = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0, adaptive=adaptive), context)
+    imle.on_epoch_start(0)
+    if adaptive:  # their samples moved halfway to them: within their thresholds
+        imle.matched_z[[1, 4]] = (imle.matched_z[[1, 4]] + data[[1, 4]]) / 2
+        imle.match(1)
+    return imle
+
+
+def _imle_worker(rank, world_size, init_file, data, adaptive, out_file):
     processes = _join(rank, world_size, init_file)
     try:
-        context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
-                                  image_shape=(2,), device=torch.device("cpu"), rank=processes.rank,
-                                  world_size=processes.world_size, latent_shape=(2,), seed=3)
-        imle = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0), context)
-        imle.on_epoch_start(0)
+        imle = _matched(data, adaptive, processes)
         torch.save({"matched_z": imle.matched_z, "distance": imle.match_distance}, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_imle_matches_exactly_like_one_process(tmp_path):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_distributed_imle_matches_exactly_like_one_process(tmp_path, adaptive):
     data = torch.randn(9, 2, generator=torch.Generator().manual_seed(0))
-    context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
-                              image_shape=(2,), device=torch.device("cpu"), latent_shape=(2,), seed=3)
-    single = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0), context)
-    single.on_epoch_start(0)
+    single = _matched(data, adaptive)
     # the pool (45 latents in 6 search batches of up to 8) is split round-robin: each process generates 3
     pool = torch.cat(list(single.pool_latents(0)))
-    assert torch.equal(single.matched_z, pool[torch.cdist(data, pool).argmin(dim=1)])
+    if not adaptive:
+        assert torch.equal(single.matched_z, pool[torch.cdist(data, pool).argmin(dim=1)])
+    else:
+        assert single.rematched_share == pytest.approx(2 / 9)
 
     out = tmp_path / "matched"
-    mp.spawn(_imle_worker, args=(2, str(tmp_path / "init"), data, str(out)), nprocs=2)
+    mp.spawn(_imle_worker, args=(2, str(tmp_path / "init"), data, adaptive, str(out)), nprocs=2)
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert torch.equal(result["matched_z"], single.matched_z)

@@ -62,6 +62,44 @@ def test_imle_rematches_every_staleness_epochs_and_jitters_latents():
     assert 0 < (z - imle.matched_z).abs().max() < 1.0
 
 
+def test_adaptive_imle_rematches_only_the_data_points_whose_sample_came_within_their_threshold():
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(6, 2, generator=g)
+    options = IMLEOptions(samples_factor=3, jitter=0.0, adaptive=True, change_coef=0.25, backend="torch")
+    imle = IMLE(options, points_context(data, None, generator=PassSizes()))
+
+    def nearest_in_pool(epoch, rows):
+        pool = torch.cat(list(imle.pool_latents(epoch)))  # the generator is the identity: samples are latents
+        distance, index = torch.cdist(data[rows].double(), pool.double()).min(dim=1)
+        return distance.pow(2), pool[index]
+
+    imle.match(0)  # the first matching matches every data point; τ = (1 − γ) × its distance
+    first_distance, first_z = nearest_in_pool(0, list(range(6)))
+    assert torch.equal(imle.matched_z, first_z)
+    assert torch.allclose(imle.thresholds.double(), 0.75 * first_distance, rtol=1e-4, atol=1e-6)  # float32 search
+
+    PassSizes.sizes.clear()
+    imle.match(1)  # nothing moved: no sample came within its threshold, and no pool is generated
+    assert torch.equal(imle.matched_z, first_z) and imle.rematched_share == 0.0
+    assert PassSizes.sizes == [6]  # one pass: the data points' current samples
+
+    # the samples of data points 1 and 4 move halfway towards them: a quarter of the squared distance
+    imle.matched_z[[1, 4]] = (first_z[[1, 4]] + data[[1, 4]]) / 2
+    before = imle.matched_z.clone()
+    imle.match(2)
+    new_distance, new_z = nearest_in_pool(2, [1, 4])
+    assert torch.equal(imle.matched_z[[1, 4]], new_z)  # their nearest samples in a fresh pool ...
+    assert torch.equal(imle.matched_z[[0, 2, 3, 5]], before[[0, 2, 3, 5]])  # ... the others keep theirs
+    assert torch.allclose(imle.thresholds[[1, 4]].double(), 0.75 * first_distance[[1, 4]] / 4, rtol=1e-4, atol=1e-6)
+    assert imle.rematched_share == pytest.approx(2 / 6) and imle.matched_at.tolist() == [0, 2, 0, 0, 2, 0]
+
+    forced = IMLE(IMLEOptions(samples_factor=3, adaptive=True, force_after=2, backend="torch"),
+                  points_context(data, None, generator=PassSizes()))
+    for epoch in range(3):
+        forced.match(epoch)
+    assert forced.rematched_share == 1.0 and forced.matched_at.tolist() == [2] * 6  # two epochs: due anyway
+
+
 def test_nearest_with_alpha_1_returns_dataset_images_exactly(tiny_config):
     run = build_run(tiny_config(targets="nearest"))
     source, images = run.source, run.data.dataset.images
@@ -98,6 +136,8 @@ def test_nearest_bad_options_are_named(bad, message):
     (IMLEOptions, {"search_batch": 0}, "targets.options.search_batch: expected an integer >= 1, got 0"),
     (IMLEOptions, {"memory_budget": -1}, "targets.options.memory_budget: expected a number > 0, got -1.0"),
     (IMLEOptions, {"jitter": -0.1}, "targets.options.jitter: expected a number >= 0, got -0.1"),
+    (IMLEOptions, {"change_coef": 1}, r"targets.options.change_coef: expected a number in \(0, 1\), got 1.0"),
+    (IMLEOptions, {"force_after": 0}, "targets.options.force_after: expected an integer >= 1, got 0"),
 ])
 def test_bad_search_options_are_refused_by_the_schema(options, bad, message):
     with pytest.raises(ConfigError, match=message):

@@ -41,6 +41,44 @@ def test_n1_steps_each_of_size_lambda1_over_n1():
     assert torch.allclose(x_prime.flatten(1), (0.8 * w / 4).expand(4, 4))
 
 
+@pytest.mark.parametrize("scale", [1.0, 1000.0])  # the normalised step ignores the gradient's scale
+def test_normalized_step_moves_each_sample_exactly_lambda1_over_n1_per_step(scale):
+    w = scale * torch.tensor([1.0, -2.0, 0.5, 0.0])
+    x0 = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    options = InversionOptions(lambda1=0.6, steps=3, step_rule="normalized", discrepancy="wasserstein", d_loss="hinge")
+    x_prime, _ = source_with(options, w).inverse_examples(x0, step=0)
+    # -mean D(x) falls fastest along +w: three steps of 0.2 each along w / ‖w‖, whatever N and ‖w‖
+    expected = x0.flatten(1) + 0.6 * w / w.norm()
+    assert torch.allclose(x_prime.flatten(1), expected, atol=1e-6)
+    assert torch.allclose((x_prime - x0).flatten(1).norm(dim=1), torch.full((5,), 0.6))
+
+
+def test_mixed_step_is_the_gradient_step_cut_to_lambda1_over_n1():
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    x0 = torch.zeros(4, 1, 2, 2)
+    mixed = lambda w: source_with(InversionOptions(lambda1=0.8, steps=4, step_rule="mixed", discrepancy="wasserstein",  # noqa: E731
+                                                   d_loss="hinge"), w).inverse_examples(x0, 0)[0].flatten(1)
+    # a short gradient step (0.2 · ‖w‖ / 4 = 0.11 < 0.2) is kept as it is ...
+    assert torch.allclose(mixed(w), (0.8 * w / 4).expand(4, 4))
+    # ... a long one (0.2 · 100 ‖w‖ / 4 = 11 > 0.2) is cut to 0.2 per step
+    assert torch.allclose(mixed(100 * w), (0.8 * w / w.norm()).expand(4, 4), atol=1e-6)
+
+
+def test_a_zero_gradient_moves_nothing_under_every_rule():
+    x0 = torch.ones(2, 1, 2, 2)
+    for rule in ("gradient", "normalized", "mixed"):
+        options = InversionOptions(lambda1=1.0, step_rule=rule, discrepancy="wasserstein", d_loss="hinge")
+        assert torch.equal(source_with(options, torch.zeros(4)).inverse_examples(x0, 0)[0], x0)
+
+
+def test_inversion_leaves_the_discriminator_out_of_the_graph():
+    """No parameter gradient is recorded: the discriminator's weights never reach autograd."""
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    source = source_with(InversionOptions(steps=3, discrepancy="wasserstein", d_loss="hinge"), w)
+    source.inverse_examples(torch.zeros(2, 1, 2, 2), 0)
+    assert source.plain_netD.w.grad is None
+
+
 def test_clamp_and_regularizers_shape_the_targets():
     w = torch.tensor([100.0, -100.0, 0.0, 0.0])
     x0 = torch.zeros(2, 1, 2, 2)
@@ -62,6 +100,7 @@ def test_clamp_and_regularizers_shape_the_targets():
 @pytest.mark.parametrize("bad, message", [
     ({"lambda1": 0.0}, r"targets.options.lambda1: expected a number > 0, got 0.0"),
     ({"steps": 0}, r"targets.options.steps: expected an integer >= 1, got 0"),
+    ({"step_rule": "unit"}, r"targets.options.step_rule: expected one of 'gradient', 'normalized', 'mixed', got 'unit'"),
     ({"d_lr": -1}, r"targets.options.d_lr: expected a number > 0, got -1.0"),
     ({"d_betas": [0.5, 1.5]}, r"targets.options.d_betas\[1\]: expected a number in \[0, 1\), got 1.5"),
     ({"regularizers": {"tv": -0.1}}, r"targets.options.regularizers.tv: expected a number >= 0, got -0.1"),
@@ -79,6 +118,8 @@ def test_every_discriminator_loss_trains_and_moves_samples_towards_real(tiny_con
     run = train(config, run_dir, progress=False)
     stats = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert stats["target_distance"] > 0 and "target_reach" in stats
+    # RMS over a sample's 16×16 pixels, averaged over samples: the mean per-sample L2 norm / 16
+    assert stats["target_distance_per_pixel"] == pytest.approx(stats["target_distance"] / 16, rel=1e-5)
     assert stats["d_fake_after_inversion"] > stats["d_fake_before_inversion"]  # x' looks more real to D
     assert run.strategy.source.netD.outputs_probabilities == (d_loss == "bce")
 

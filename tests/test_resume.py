@@ -1,14 +1,19 @@
 """Checkpoints: exact resume, crash recovery, atomic writes, divergence guard."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from targetgen.config import load_config
 from targetgen.errors import CheckpointError, DivergenceError, RunDirectoryError
 from targetgen.training import CHECKPOINT, config_of_run, plan_run_dir, train
 from targetgen.training import checkpoint as checkpoint_module
+from targetgen.training.checkpoint import load_checkpoint
+from targetgen.training.rundir import read_metrics
 from targetgen.training.standard import StandardGAN
+from targetgen.training.trainer import Decomposed
 
 # A run of 20 steps crosses two epoch boundaries of the 1,797 digits at batch 128.
 LONG = ["train.batch_size=128", "train.checkpoint_every=7"]
@@ -22,8 +27,8 @@ def params(run):
 
 def flatten(d, prefix=""):
     out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        if isinstance(v, (dict, list)):  # lists: the regression engine's replay pool
             out.update(flatten(v, f"{prefix}{k}."))
         elif isinstance(v, torch.Tensor):
             out[f"{prefix}{k}"] = v
@@ -37,17 +42,27 @@ def assert_identical(a, b):
 
 
 EXTRA = {
-    "standard": [],
-    "inversion": ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"],
+    "standard": ("standard", []),
+    "inversion": ("inversion", ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"]),
     # IMLE re-matches at every epoch boundary, one of which falls after the split
-    "imle": ["targets.options.staleness=1", "targets.options.samples_factor=2"],
-    "nearest": ["targets.options.alpha=0.5", "targets.options.k=2"],
+    "imle": ("imle", ["targets.options.staleness=1", "targets.options.samples_factor=2"]),
+    "imle-adaptive": ("imle", ["targets.options.adaptive=true", "targets.options.staleness=1",
+                               "targets.options.samples_factor=2", "targets.options.force_after=2"]),
+    "nearest": ("nearest", ["targets.options.alpha=0.5", "targets.options.k=2"]),
+    # regression fitted until reach 0.5 (at most 4 steps) from a replay pool of the last 3 batches
+    "fit-replay": ("inversion", ["targets.options.lambda1=0.25", "targets.options.step_rule=normalized",
+                                 "regression.until_reach=0.5", "regression.max_steps=4", "regression.replay=3"]),
+    # every member's state (a discriminator, IMLE's matches) under its label
+    "mix-split": ("mix", ["targets.options.sources=[{name: inversion, weight: 0.7, options: {lambda1: 0.25}}, "
+                          "{name: imle, weight: 0.3, options: {staleness: 1, samples_factor: 2}}]"]),
+    "mix-alternate": ("mix", ["targets.options.mode=alternate", "targets.options.sources=[{name: inversion, weight: 0.6}, "
+                              "{name: imle, weight: 0.4, options: {staleness: 1, samples_factor: 2}}]"]),
 }
 
 
-@pytest.mark.parametrize("targets", list(EXTRA))
-def test_stop_and_resume_is_bit_identical(tiny_config, targets):
-    extra = EXTRA[targets]
+@pytest.mark.parametrize("case", list(EXTRA))
+def test_stop_and_resume_is_bit_identical(tiny_config, case):
+    targets, extra = EXTRA[case]
     whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), plan_run_dir(c, False), progress=False)
 
     first = tiny_config(*LONG, "train.steps=13", *extra, targets=targets, name="split")
@@ -138,3 +153,46 @@ def test_resume_may_only_change_the_length(tiny_config):
         config_of_run(run_dir, ["regression.lr=0.1"])
     with pytest.raises(RunDirectoryError, match="not a targetgen run directory"):
         config_of_run(run_dir / "samples")
+
+
+TOY = Path(__file__).parents[1] / "configs" / "toy2d.yaml"
+TIMED = ["train.steps=100000", "train.max_seconds=0.5", "train.log_every=100000", "train.checkpoint_every=10",
+         "train.sample_every=100000", "evaluation.every=100000", "evaluation.n=64", "data.num_points=500",
+         "train.loggers=jsonl"]
+
+
+def test_a_time_limit_stops_the_run_at_the_first_step_past_it(tmp_path):
+    config = load_config(TOY, [*TIMED, f"train.out_dir={tmp_path}", "train.name=timed"], "inversion")
+    run_dir = plan_run_dir(config, False)
+    run = train(config, run_dir, progress=False)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    logged, evaluated = records[-2], records[-1]  # the last step is logged and evaluated, like a planned last one
+    assert "eval/modes_covered" in evaluated and evaluated["step"] == logged["step"] == run.step < 100000
+    assert 0.5 <= logged["train_s"] < 1.5  # past the limit by less than a step (and the machine's hiccups)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    assert checkpoint["step"] == run.step and checkpoint["seconds"] == logged["train_s"]
+    assert (run_dir / "samples" / "final.png").is_file()
+    # resuming a run that has used up its time trains nothing more
+    again = train(config_of_run(run_dir), run_dir, resume=True, progress=False)
+    assert again.step == run.step and load_checkpoint(run_dir / CHECKPOINT)["step"] == run.step
+
+
+def test_a_resumed_run_continues_towards_the_same_time_limit(tmp_path, monkeypatch):
+    config = load_config(TOY, [*TIMED, f"train.out_dir={tmp_path}", "train.name=timed"], "inversion")
+    run_dir = plan_run_dir(config, False)
+    original = Decomposed.step
+
+    def crash_at_25(self, batch, step, log):
+        if step == 24:
+            raise KeyboardInterrupt
+        return original(self, batch, step, log)
+
+    monkeypatch.setattr(Decomposed, "step", crash_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, progress=False)
+    before = load_checkpoint(run_dir / CHECKPOINT)
+    assert before["step"] == 20 and before["seconds"] < 0.5
+    monkeypatch.setattr(Decomposed, "step", original)
+    resumed = train(config_of_run(run_dir), run_dir, resume=True, progress=False)
+    after = load_checkpoint(run_dir / CHECKPOINT)
+    assert after["step"] == resumed.step > 20 and 0.5 <= after["seconds"] < 1.5  # the seconds of both parts

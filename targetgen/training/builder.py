@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import registry
+from ..registry import STANDARD
 from ..api import TargetGenerator, TrainingContext
 from ..config import Config, DataConfig, from_dict, to_dict
 from ..data import TrainingData, batches_per_epoch, data_shape, load_data
@@ -80,7 +81,6 @@ class Run:
         return self.strategy.source if isinstance(self.strategy, Decomposed) else None
 
 
-STANDARD = "standard"  # the end-to-end baseline: no target source, no regression engine
 
 
 def options_class(source: str) -> type:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..api import Batch, Generated, TargetGenerator
 from ..config import Config, dump_config, to_dict
 from ..data import epoch_order, iterate_batches
-from ..distributed import Processes, average, local_share, on_main
+from ..distributed import Processes, anywhere, average, local_share, on_main
 from ..errors import ConfigError, DivergenceError
 from ..regression import RegressionEngine
 from .checkpoint import Position, load_checkpoint, restore
@@ -213,8 +213,9 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list
     )
     task = bar.add_task(config.train.name, total=run.total_steps, completed=pos.step, losses="")
     images_seen, busy = 0, 0.0
+    out_of_time = t.max_seconds is not None and pos.seconds >= t.max_seconds  # a resumed run may have none left
     with bar:
-        while pos.step < run.total_steps:
+        while pos.step < run.total_steps and not out_of_time:
             started = time.perf_counter()  # an epoch's set-up (IMLE's re-match) counts as training time
             if pos.batch == 0:
                 order = epoch_order(len(run.data.dataset), t.seed, pos.epoch)
@@ -241,19 +242,26 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list
                 pos.seconds += elapsed
                 if pos.batch == run.steps_per_epoch:  # normalise: a finished epoch is the next one's start
                     pos.epoch, pos.batch = pos.epoch + 1, 0
+                # train.max_seconds: this step is the last one when it crossed the limit (in any process: all stop)
+                out_of_time = t.max_seconds is not None and anywhere(pos.seconds >= t.max_seconds, processes)
+                if out_of_time and not (log or save):  # an unplanned last step: checked and logged like a planned one
+                    if (bad := _non_finite_state(run)) is not None:
+                        raise _diverged(run_dir, pos.step, f"{bad} is not finite")
+                    log = True
                 logged = None
                 if log:  # every process takes part in the average, rank 0 writes
                     logged = average(dict(zip(stats, values.tolist())), processes)
                     shown = ("d_loss", "g_loss", "regression_loss", "target_reach")
                     bar.update(task, losses=" ".join(f"{k}={logged[k]:.3g}" for k in shown if k in logged))
-                end = StepEnd(run, pos, logged, images_seen / max(busy, 1e-9), pos.step == run.total_steps)
+                end = StepEnd(run, pos, logged, images_seen / max(busy, 1e-9), pos.step == run.total_steps or out_of_time)
                 for callback in callbacks:
                     callback.on_step_end(end)
                 if log:
                     images_seen, busy = 0, 0.0
                 bar.update(task, completed=pos.step)
-                if pos.step >= run.total_steps or pos.batch == 0:
+                if pos.step >= run.total_steps or pos.batch == 0 or out_of_time:
                     break
                 started = time.perf_counter()
+    run.step = pos.step
     for callback in callbacks:
         callback.on_train_end(run, pos)
