@@ -116,6 +116,8 @@ def _options_fields(source: str) -> set[str]:
 def _applies(key: str, source: str) -> bool:
     section, _, rest = key.partition(".")
     if section == "targets":
+        if rest == "d_steps":  # the loop's schedule: every source (one without an update phase refuses > 1)
+            return True
         return rest.startswith("options.") and rest.split(".")[1] in _options_fields(source)
     if section == "regression":
         return source != STANDARD  # the standard GAN has no regression engine

@@ -283,3 +283,8 @@ def test_job_devices_come_from_the_option_or_the_environment(monkeypatch):
     assert job_devices("0, 1") == ["0", "1"] and job_devices(None) == ["2", "3"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert job_devices(None) == []  # no GPU here: jobs are not told anything
+
+
+def test_d_steps_is_a_grid_key_of_every_source(tmp_path):
+    plan = plan_comparison(TOY, tmp_path, SHORT, "standard,inversion", grid=["targets.d_steps=1,2"])
+    assert labels(plan) == ["standard d_steps=1", "standard d_steps=2", "inversion d_steps=1", "inversion d_steps=2"]
