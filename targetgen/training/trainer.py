@@ -244,8 +244,8 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 # train.max_seconds: this step is the last one when it crossed the limit (in any process: all stop)
                 out_of_time = t.max_seconds is not None and anywhere(pos.seconds >= t.max_seconds, processes)
-                if out_of_time and not (log or save):  # an unplanned last step: checked and logged like a planned one
-                    if (bad := _non_finite_state(run)) is not None:
+                if out_of_time and not log:  # an unplanned last step: checked and logged like a planned one
+                    if not save and (bad := _non_finite_state(run)) is not None:  # (a checkpoint step was checked)
                         raise _diverged(run_dir, pos.step, f"{bad} is not finite")
                     log = True
                 logged = None
