@@ -78,6 +78,8 @@ class DataConfig:
     mixture: Literal["ring8", "grid25"] = "ring8"  # toy2d
     num_points: int = bounded(10000, ge=1)  # toy2d
     std: float | None = bounded(None, gt=0)  # toy2d component std; None: ring8 0.02, grid25 0.05
+    radius: float | None = bounded(None, gt=0)  # toy2d ring8 radius; None: 2 (VEEGAN's ring; PacGAN's is 1)
+    resample: bool = False  # toy2d: a fresh draw of num_points points every epoch, seeded by the epoch
 
 
 # Hidden-layer nonlinearities of the toy2d MLPs (leaky_relu has slope 0.2, as in the DCGAN tutorial).

@@ -152,7 +152,7 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
     samples = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), evaluation.n, evaluation.seed, run.device)
     results: dict[str, float] = {"n": float(evaluation.n)}
     if "modes" in chosen:
-        results.update(mode_metrics(samples, mixture_means(config.data.mixture), mixture_std(config.data)))
+        results.update(mode_metrics(samples, mixture_means(config.data), mixture_std(config.data)))
     if "fid" in chosen or "pr" in chosen or "classes" in chosen:
         extractor = load_features(features_name, run.device, evaluation.fid_weights)
         fake = extractor(samples).float()

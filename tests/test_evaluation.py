@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
-from targetgen.config import EvaluationConfig
+from targetgen.config import DataConfig, EvaluationConfig
 from targetgen.data import load_data, mixture_means
 from targetgen.digits_classifier import held_out_accuracy
 from targetgen.errors import DataError
@@ -75,7 +75,7 @@ def test_identical_sets_score_one_and_disjoint_sets_zero():
 
 
 def test_mode_metrics_on_the_true_mixture_and_on_one_mode():
-    means, std = mixture_means("grid25"), 0.05
+    means, std = mixture_means(DataConfig(name="toy2d", mixture="grid25")), 0.05
     g = torch.Generator().manual_seed(0)
     true = means[torch.randint(25, (2500,), generator=g)] + std * torch.randn(2500, 2, generator=g)
     m = mode_metrics(true, means, std)

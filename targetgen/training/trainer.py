@@ -299,6 +299,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     with bar, (metrics_path.open("a") if main else contextlib.nullcontext()) as metrics:
         while pos.step < run.total_steps:
             started = time.perf_counter()  # an epoch's set-up (IMLE's re-match) counts as training time
+            run.data.start_epoch(pos.epoch)  # toy2d data.resample: this epoch's points, also on resume
             if pos.batch == 0:
                 order = epoch_order(len(run.data.dataset), t.seed, pos.epoch)
                 run.strategy.on_epoch_start(pos.epoch)
