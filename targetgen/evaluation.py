@@ -24,7 +24,7 @@ from . import registry
 from .config import Config, DataConfig, EvaluationConfig
 from .data import ImageFiles, IndexedDataset, TensorImages, TrainingData, iterate_batches, mixture_means, mixture_std
 from .errors import ConfigError
-from .metrics import Statistics, class_metrics, feature_statistics, frechet_distance, mode_metrics
+from .metrics import MODE_SAMPLES, Statistics, class_metrics, feature_statistics, frechet_distance, mode_metrics
 from .metrics import precision_recall_density_coverage
 from .samples import generate
 
@@ -151,8 +151,9 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
             raise ConfigError("--ema: this run keeps no EMA generator (set regression.ema when training)")
     samples = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), evaluation.n, evaluation.seed, run.device)
     results: dict[str, float] = {"n": float(evaluation.n)}
-    if "modes" in chosen:
-        results.update(mode_metrics(samples, mixture_means(config.data), mixture_std(config.data)))
+    if "modes" in chosen:  # VEEGAN's and PacGAN's protocol: 2,500 samples of their own, whatever n is
+        drawn = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), MODE_SAMPLES, evaluation.seed, run.device)
+        results.update(mode_metrics(drawn, mixture_means(config.data), mixture_std(config.data)))
     if "fid" in chosen or "pr" in chosen or "classes" in chosen:
         extractor = load_features(features_name, run.device, evaluation.fid_weights)
         fake = extractor(samples).float()
