@@ -1,4 +1,5 @@
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from targetgen.models import (
     build_generator,
     sampling_copy,
 )
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def count(module):
@@ -148,6 +151,22 @@ def test_default_mlps_are_the_networks_targetgen_always_had():
     assert d.main[1].negative_slope == 0.2 and d.outputs_probabilities
     raw = build_discriminator((2,), ModelConfig(), sigmoid=False)
     assert type(raw.main[-1]) is nn.Linear and not raw.outputs_probabilities
+
+
+@pytest.mark.parametrize("preset", ["pacgan_grid25", "pacgan_ring8"])
+def test_pacgan_networks_have_the_hand_counted_parameters(preset):
+    model = load_config(CONFIGS / f"{preset}.yaml").model
+    g, d = build_generator((2,), model), build_discriminator((2,), model)
+    # G: 2→400 and 3 × 400→400 without bias, 4 batch norms (γ, β), 400→2 with bias
+    assert count(g) == 2 * 400 + 3 * 400 * 400 + 4 * 2 * 400 + 400 * 2 + 2 == 484_802
+    # D: maxout 2→200×5, 2 × maxout 200→200×5, all with biases, then 200→1
+    assert count(d) == (2 * 1000 + 1000) + 2 * (200 * 1000 + 1000) + (200 + 1) == 405_201
+    assert [type(m).__name__ for m in g.main] == ["Linear", "BatchNorm1d", "ReLU"] * 4 + ["Linear"]
+    assert [type(m).__name__ for m in d.main] == ["Maxout"] * 3 + ["Linear", "Sigmoid"]
+    # PacGAN initialises every weight N(0, 0.02) and every bias 0
+    weights = torch.cat([m.weight.flatten() for m in d.modules() if isinstance(m, nn.Linear)])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.01)
+    assert all(torch.all(m.bias == 0) for m in d.modules() if isinstance(m, nn.Linear))
 
 
 def test_maxout_is_the_maximum_over_each_units_pieces():
