@@ -159,7 +159,8 @@ class ResampledMixture(TensorImages):
     """toy2d with ``data.resample``: a fresh draw of ``data.num_points`` points every epoch.
 
     Epoch e's points come from a generator seeded with (TOY2D_SEED, e) alone, so a
-    run resumed in the middle of an epoch sees the points it would have seen.
+    run resumed in the middle of an epoch sees the points it would have seen. An
+    evaluation's real samples (FID, precision/recall) come from the current draw.
     """
 
     def __init__(self, config: DataConfig):
