@@ -8,7 +8,9 @@ start-up and the in-run evaluations), the mean ± standard error, PacGAN's GAN
 row — and draws modes covered and the high-quality share
 against steps into ``docs/images/pacgan/curves.png``.
 
-    .venv/bin/python benchmarks/pacgan_anchor.py [--runs runs] [--figure docs/images/pacgan/curves.png]
+    .venv/bin/python benchmarks/pacgan_anchor.py [--runs runs] [--figure docs/images/pacgan/curves.png] [--step N]
+
+``--step N`` tables the evaluation at step N instead of the last one (runs continued past N).
 """
 
 from __future__ import annotations
@@ -43,15 +45,18 @@ def fmt(mean: float, se: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
-def table(runs: Path) -> tuple[list[str], list[str]]:
-    """The README's table, and per preset whether the anchor holds."""
+def table(runs: Path, step: int | None = None) -> tuple[list[str], list[str]]:
+    """The README's table at ``step`` (None: each run's last evaluation), and per preset whether the anchor holds."""
     verdicts = []
     lines = ["| preset | seed | steps | modes (≥ 1 HQ) | high-quality share | reverse KL | modes_covered_20 | training time |",
              "|---|---|---|---|---|---|---|---|"]
     for preset, reference in PACGAN.items():
         rows = []
         for run_dir in seed_runs(runs / preset):
-            last = evaluations(run_dir)[-1]
+            curve = evaluations(run_dir)
+            last = curve[-1] if step is None else next((line for line in curve if line["step"] == step), None)
+            if last is None:
+                continue
             rows.append(last)
             seed = run_dir.name.rsplit("seed", 1)[1]
             lines.append(f"| {preset} | {seed} | {last['step']:,} | {last['eval/modes_covered']:.0f} "
@@ -104,8 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding pacgan_grid25/ and pacgan_ring8/")
     parser.add_argument("--figure", type=Path, default=Path("docs/images/pacgan/curves.png"))
+    parser.add_argument("--step", type=int, default=None, help="table the evaluation at this step (default: the last)")
     args = parser.parse_args()
-    lines, verdicts = table(args.runs)
+    lines, verdicts = table(args.runs, args.step)
     print("\n".join(lines + [""] + verdicts))
     figure(args.runs, args.figure)
     print(f"curves: {args.figure}")

@@ -49,3 +49,6 @@ def test_pacgan_anchor_tables_the_last_evaluations_against_pacgan(tmp_path):
     assert "pacgan_grid25: modes 17.0 (PacGAN 17.3), high quality 92.0%: anchor holds" in out
     assert "pacgan_ring8: modes 3.0 (PacGAN 6.3), high quality 50.0%: anchor not reproduced" in out
     assert figure.stat().st_size > 10_000
+    earlier = subprocess.run([sys.executable, str(ANCHOR), "--runs", str(tmp_path), "--figure", str(figure), "--step", "1000"],
+                             capture_output=True, text=True, timeout=120)
+    assert "| pacgan_grid25 | 1 | 1,000 | 9 | 10.0% | 1.20 | 0 | 10.0 min |" in earlier.stdout
