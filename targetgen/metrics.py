@@ -97,9 +97,9 @@ def mode_metrics(samples: Tensor, means: Tensor, std: float, strict_min: int = 2
     modes nearest to at least one high-quality sample (the published rule);
     ``modes_covered_20`` the modes nearest to at least ``strict_min`` = 20 (a
     stricter rule, the only one targetgen reported before). ``mode_kl_to_uniform``
-    is PacGAN's reverse KL, KL(p ‖ uniform) of the histogram p of high-quality
-    samples over the modes (log K − its entropy, as PacGAN's code logs it): 0 for
-    a balanced generator, finite, and NaN when no sample is high quality.
+    is PacGAN's reverse KL, KL(p ‖ uniform) = log K − H(p) of the histogram p of
+    high-quality samples over the K modes (PacGAN's code logs its entropy H(p)):
+    0 for a balanced generator, finite, and NaN when no sample is high quality.
     """
     distance = torch.cdist(samples.double(), means.double())
     nearest, mode = distance.min(dim=1)
