@@ -37,7 +37,7 @@ def landing(run_dir: Path, prior: int = 10_000) -> dict[str, dict[str, float]]:
     config, source = run.config, run.source
     if config.data.name != "toy2d" or not isinstance(source, IMLE):
         raise ConfigError(f"{run_dir}: expected a toy2d run trained with imle, got {config.data.name} with {config.targets.name}")
-    means, std = mixture_means(config.data.mixture).double(), mixture_std(config.data)
+    means, std = mixture_means(config.data).double(), mixture_std(config.data)
     matched = source.matched_z.cpu()
     pool = torch.cat(list(source.pool_latents(source.matched_epoch)))
     chosen = {row.numpy().tobytes() for row in matched}

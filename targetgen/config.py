@@ -79,6 +79,12 @@ class DataConfig:
     mixture: Literal["ring8", "grid25"] = "ring8"  # toy2d
     num_points: int = bounded(10000, ge=1)  # toy2d
     std: float | None = bounded(None, gt=0)  # toy2d component std; None: ring8 0.02, grid25 0.05
+    radius: float | None = bounded(None, gt=0)  # toy2d ring8 radius; None: 2 (VEEGAN's ring; PacGAN's is 1)
+    resample: bool = False  # toy2d: a fresh draw of num_points points every epoch, seeded by the epoch
+
+
+# Hidden-layer nonlinearities of the toy2d MLPs (leaky_relu has slope 0.2, as in the DCGAN tutorial).
+Activation = Literal["relu", "leaky_relu", "tanh", "elu"]
 
 
 @dataclass
@@ -86,7 +92,18 @@ class ModelConfig:
     nz: int = bounded(100, ge=1)  # latent size
     ngf: int = bounded(32, ge=1)  # generator width (the DCGAN tutorial uses 64 at 64×64)
     ndf: int = bounded(32, ge=1)  # discriminator width
-    hidden: int = bounded(128, ge=1)  # toy2d MLP width
+    # toy2d MLPs: depth hidden layers of width units each, then a linear output layer
+    hidden: int = bounded(128, ge=1)  # width of both MLPs unless g_width / d_width say otherwise
+    g_depth: int = bounded(2, ge=1)
+    d_depth: int = bounded(2, ge=1)
+    g_width: int | None = bounded(None, ge=1)  # None: hidden
+    d_width: int | None = bounded(None, ge=1)  # None: hidden
+    g_batchnorm: bool = False  # BatchNorm1d after every hidden linear layer (which then has no bias)
+    d_batchnorm: bool = False
+    g_activation: Activation = "relu"
+    d_activation: Activation = "leaky_relu"
+    d_maxout: int | None = bounded(None, ge=2)  # pieces per maxout unit; replaces d_activation when set
+    init_std: float | None = bounded(None, gt=0)  # weights N(0, init_std), biases 0; None: PyTorch's default
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .api import Batch
 from .config import DataConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .models import IMAGE_SIZES
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -89,6 +89,12 @@ class TrainingData:
     image_shape: tuple[int, ...]  # C×H×W, or (2,) for toy2d
     description: str
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the trainer before an epoch's batches, also when a run resumes within it:
+        a resampled toy2d mixture draws that epoch's points; other data stay as they are."""
+        if isinstance(self.dataset, ResampledMixture):
+            self.dataset.start_epoch(epoch)
+
 
 # ----------------------------------------------------------------------------- sources
 
@@ -151,28 +157,60 @@ def as_mnist_size(images: Tensor, image_size: int, channels: int) -> Tensor:
     return images.clamp(-1.0, 1.0).repeat(1, channels, 1, 1).contiguous()
 
 
-def mixture_means(mixture: str) -> Tensor:
-    """Mode centres of the toy2d mixtures."""
-    if mixture == "ring8":
+# The toy2d points depend on this seed alone, not on the training seed.
+TOY2D_SEED = 1234
+# VEEGAN's ring (Srivastava et al. 2017); PacGAN's ring has radius 1 and σ 0.01 (data.radius, data.std).
+RING_RADIUS = 2.0
+
+
+def mixture_means(config: DataConfig) -> Tensor:
+    """Mode centres of the toy2d mixtures.
+
+    ring8: 8 modes evenly on a circle of radius ``data.radius``. grid25: the
+    points (i, j) for i, j in -4, -2, 0, 2, 4 — VEEGAN's and PacGAN's grid.
+    """
+    if config.mixture == "ring8":
+        radius = config.radius if config.radius is not None else RING_RADIUS
         angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-        return (2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)).to(torch.get_default_dtype())
-    if mixture == "grid25":
+        return (radius * torch.stack([angles.cos(), angles.sin()], dim=1)).to(torch.get_default_dtype())
+    if config.radius is not None:
+        raise ConfigError(f"data.radius: the radius of ring8; expected null with mixture {config.mixture}, got {config.radius}")
+    if config.mixture == "grid25":
         ticks = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
         return torch.cartesian_prod(ticks, ticks)
-    raise DataError(f"data.mixture: expected ring8 or grid25, got {mixture!r}")
+    raise DataError(f"data.mixture: expected ring8 or grid25, got {config.mixture!r}")
 
 
 def mixture_std(config: DataConfig) -> float:
     return config.std if config.std is not None else {"ring8": 0.02, "grid25": 0.05}[config.mixture]
 
 
-def _toy2d(config: DataConfig) -> Tensor:
-    # A fixed seed: the data set is the same whatever the training seed.
-    generator = torch.Generator().manual_seed(1234)
-    means = mixture_means(config.mixture)
+def mixture_points(config: DataConfig, seed: int) -> Tensor:
+    """``data.num_points`` points of the mixture, modes chosen uniformly, from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    means = mixture_means(config)
     modes = torch.randint(len(means), (config.num_points,), generator=generator)
     noise = torch.randn(config.num_points, 2, generator=generator) * mixture_std(config)
     return means[modes] + noise
+
+
+class ResampledMixture(TensorImages):
+    """toy2d with ``data.resample``: a fresh draw of ``data.num_points`` points every epoch.
+
+    Epoch e's points come from a generator seeded with (TOY2D_SEED, e) alone, so a
+    run resumed in the middle of an epoch sees the points it would have seen. An
+    evaluation's real samples (FID, precision/recall) come from the current draw.
+    """
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+        super().__init__(self.points_of_epoch(0))
+
+    def points_of_epoch(self, epoch: int) -> Tensor:
+        return mixture_points(self.config, TOY2D_SEED * 1_000_003 + epoch)  # derived as epoch_order's seed
+
+    def start_epoch(self, epoch: int) -> None:
+        self.images = self.points_of_epoch(epoch)
 
 
 def _find_images(root: Path, skip_bad: bool) -> list[Path]:
@@ -256,7 +294,10 @@ def data_shape(config: DataConfig) -> tuple[int, ...]:
 def load_data(config: DataConfig) -> TrainingData:
     """Open the data source ``config.name`` and fill in its default image shape."""
     if config.name == "toy2d":
-        points = _toy2d(config)
+        if config.resample:
+            return TrainingData(ResampledMixture(config), (2,),
+                                f"toy2d {config.mixture}, {config.num_points} points drawn afresh every epoch")
+        points = mixture_points(config, TOY2D_SEED)
         return TrainingData(TensorImages(points), (2,), f"toy2d {config.mixture}, {len(points)} points")
 
     default_size, default_channels = DEFAULT_SHAPES[config.name]

@@ -25,7 +25,7 @@ from . import registry
 from .config import Config, DataConfig, EvaluationConfig
 from .data import ImageFiles, IndexedDataset, TensorImages, TrainingData, iterate_batches, mixture_means, mixture_std
 from .errors import ConfigError
-from .metrics import DENSITY_COVERAGE_K, PRECISION_RECALL_K, Statistics, class_metrics, feature_statistics
+from .metrics import DENSITY_COVERAGE_K, MODE_SAMPLES, PRECISION_RECALL_K, Statistics, class_metrics, feature_statistics
 from .metrics import frechet_distance, kernel_inception_distance, mode_metrics, precision_recall_density_coverage
 from .samples import generate
 
@@ -172,8 +172,9 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
             raise ConfigError("--ema: this run keeps no EMA generator (set regression.ema when training)")
     samples = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), evaluation.n, evaluation.seed, run.device)
     results: dict[str, float] = {"n": float(evaluation.n)}
-    if "modes" in chosen:
-        results.update(mode_metrics(samples, mixture_means(config.data.mixture), mixture_std(config.data)))
+    if "modes" in chosen:  # VEEGAN's and PacGAN's protocol: 2,500 samples of their own, whatever n is
+        drawn = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), MODE_SAMPLES, evaluation.seed, run.device)
+        results.update(mode_metrics(drawn, mixture_means(config.data), mixture_std(config.data)))
     if "fid" in chosen or "pr" in chosen or "classes" in chosen:
         extractor = load_features(features_name, run.device, evaluation.fid_weights)
         fake = extractor(samples).float()

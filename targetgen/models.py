@@ -3,17 +3,24 @@
 At 64×64×3 with ngf = ndf = 64 these are the tutorial's networks layer for
 layer (3,576,704 and 2,765,568 parameters). Other sizes add or remove one
 stride-2 block per factor of two, keeping the tutorial's channel doubling.
+
+The toy2d MLPs take their depth, width, batch norm, activation and maxout from
+the ``model`` section; the defaults are the networks targetgen always had, and
+``configs/pacgan_*.yaml`` build PacGAN's (484,802 and 405,201 parameters).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .config import ModelConfig
 from .errors import ConfigError
 
 IMAGE_SIZES = (16, 32, 64, 128)
@@ -72,29 +79,85 @@ class Discriminator(nn.Module):
         return self.main(input)
 
 
-class MLPGenerator(nn.Module):
-    """Generator for 2-D point data (toy2d)."""
+@dataclass(frozen=True)
+class MLPSpec:
+    """The shape of a toy2d MLP: ``depth`` hidden layers of ``width`` units, then a linear output layer.
 
-    def __init__(self, nz: int, hidden: int = 128, out_dim: int = 2):
+    A hidden layer is Linear → [BatchNorm1d] → activation, or with ``maxout`` pieces a
+    maxout unit (the maximum of ``maxout`` linear pieces) → [BatchNorm1d].
+    """
+
+    depth: int = 2
+    width: int = 128
+    activation: str = "relu"
+    batchnorm: bool = False
+    maxout: int | None = None  # pieces per unit; replaces the activation
+    init_std: float | None = None  # weights N(0, init_std), biases 0; None: PyTorch's default
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.2, True),
+    "tanh": nn.Tanh,
+    "elu": lambda: nn.ELU(inplace=True),
+}
+
+
+class Maxout(nn.Module):
+    """``width`` maxout units (Goodfellow et al. 2013): each the maximum of ``pieces`` affine maps of the input."""
+
+    def __init__(self, in_dim: int, width: int, pieces: int):
         super().__init__()
-        self.main = nn.Sequential(
-            nn.Linear(nz, hidden), nn.ReLU(True),
-            nn.Linear(hidden, hidden), nn.ReLU(True),
-            nn.Linear(hidden, out_dim),
-        )
+        self.width, self.pieces = width, pieces
+        self.linear = nn.Linear(in_dim, width * pieces)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # consecutive outputs are one unit's pieces, as in Blocks' LinearMaxout (PacGAN's discriminator)
+        return self.linear(x).view(len(x), self.width, self.pieces).amax(dim=2)
+
+
+def mlp_layers(in_dim: int, out_dim: int, spec: MLPSpec) -> list[nn.Module]:
+    """The layers of an MLP of shape ``spec`` from ``in_dim`` to ``out_dim`` features."""
+    layers: list[nn.Module] = []
+    features = in_dim
+    for _ in range(spec.depth):
+        if spec.maxout is not None:
+            layers.append(Maxout(features, spec.width, spec.maxout))
+        else:
+            # before BatchNorm a bias would be subtracted again with the batch mean: BatchNorm's shift replaces it
+            layers.append(nn.Linear(features, spec.width, bias=not spec.batchnorm))
+        if spec.batchnorm:
+            layers.append(nn.BatchNorm1d(spec.width))
+        if spec.maxout is None:
+            layers.append(ACTIVATIONS[spec.activation]())
+        features = spec.width
+    layers.append(nn.Linear(features, out_dim))
+    if spec.init_std is not None:
+        for linear in (m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(linear.weight, 0.0, spec.init_std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+    return layers
+
+
+class MLPGenerator(nn.Module):
+    """Generator for 2-D point data (toy2d); by default 2 hidden layers of 128 ReLU units."""
+
+    def __init__(self, nz: int, spec: MLPSpec = MLPSpec(), out_dim: int = 2):
+        super().__init__()
+        self.main = nn.Sequential(*mlp_layers(nz, out_dim, spec))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.main(z.flatten(1))
 
 
 class MLPDiscriminator(nn.Module):
-    def __init__(self, hidden: int = 128, in_dim: int = 2, sigmoid: bool = True):
+    """Discriminator for 2-D point data; by default 2 hidden layers of 128 LeakyReLU(0.2) units."""
+
+    def __init__(self, spec: MLPSpec = MLPSpec(activation="leaky_relu"), in_dim: int = 2, sigmoid: bool = True):
         super().__init__()
-        layers: list[nn.Module] = [
-            nn.Linear(in_dim, hidden), nn.LeakyReLU(0.2, True),
-            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2, True),
-            nn.Linear(hidden, 1),
-        ]
+        layers = mlp_layers(in_dim, 1, spec)
+        # Sigmoid for BCELoss, as the DCGAN discriminator; other losses want raw scores.
         if sigmoid:
             layers.append(nn.Sigmoid())
         self.main = nn.Sequential(*layers)
@@ -102,6 +165,18 @@ class MLPDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main(x)
+
+
+def generator_spec(model: ModelConfig) -> MLPSpec:
+    """The toy2d generator's shape from the ``model`` section."""
+    return MLPSpec(model.g_depth, model.g_width or model.hidden, model.g_activation, model.g_batchnorm,
+                   init_std=model.init_std)
+
+
+def discriminator_spec(model: ModelConfig) -> MLPSpec:
+    """The toy2d discriminator's shape from the ``model`` section."""
+    return MLPSpec(model.d_depth, model.d_width or model.hidden, model.d_activation, model.d_batchnorm,
+                   model.d_maxout, model.init_std)
 
 
 def weights_init(m: nn.Module) -> None:
@@ -114,18 +189,18 @@ def weights_init(m: nn.Module) -> None:
         nn.init.constant_(m.bias.data, 0)
 
 
-def build_generator(image_shape: tuple[int, ...], nz: int, ngf: int, hidden: int) -> nn.Module:
+def build_generator(image_shape: tuple[int, ...], model: ModelConfig) -> nn.Module:
     if len(image_shape) == 1:
-        return MLPGenerator(nz, hidden, image_shape[0])
-    netG = Generator(nz, ngf, image_shape[0], image_shape[1])
+        return MLPGenerator(model.nz, generator_spec(model), image_shape[0])
+    netG = Generator(model.nz, model.ngf, image_shape[0], image_shape[1])
     netG.apply(weights_init)
     return netG
 
 
-def build_discriminator(image_shape: tuple[int, ...], ndf: int, hidden: int, sigmoid: bool = True) -> nn.Module:
+def build_discriminator(image_shape: tuple[int, ...], model: ModelConfig, sigmoid: bool = True) -> nn.Module:
     if len(image_shape) == 1:
-        return MLPDiscriminator(hidden, image_shape[0], sigmoid)
-    netD = Discriminator(ndf, image_shape[0], image_shape[1], sigmoid)
+        return MLPDiscriminator(discriminator_spec(model), image_shape[0], sigmoid)
+    netD = Discriminator(model.ndf, image_shape[0], image_shape[1], sigmoid)
     netD.apply(weights_init)
     return netD
 

@@ -26,7 +26,8 @@ def fake_celeba(tmp_path):
 
 @pytest.mark.parametrize("name, source", [("digits", "inversion"), ("mnist5k", "inversion"), ("toy2d", "inversion"),
                                           ("toy2d_mix", "mix"),
-                                          ("celeba_baseline", "standard"), ("celeba_decomposed", "inversion")])
+                                          ("celeba_baseline", "standard"), ("celeba_decomposed", "inversion"),
+                                          ("pacgan_grid25", "standard"), ("pacgan_ring8", "standard")])
 def test_preset_trains(name, source, tmp_path, fake_celeba):
     extra = [f"data.path={fake_celeba}", "data.num_workers=0"] if name.startswith("celeba") else []
     config = load_config(CONFIGS / f"{name}.yaml", [*SHORT, *extra, f"train.out_dir={tmp_path / 'runs'}"])
@@ -42,3 +43,8 @@ def test_preset_trains(name, source, tmp_path, fake_celeba):
         assert run.data.image_shape == (1, 32, 32) and evaluated["eval/fid_mnist"] > 0 and "eval/kid_mnist" in evaluated
     if name == "celeba_decomposed":
         assert config.targets.options["lambda1"] == 0.25 and config.regression.lr == 0.0008
+    if name.startswith("pacgan"):  # PacGAN's optimiser, data and networks; the last step is evaluated
+        assert config.targets.options == {"g_lr": 0.0001, "d_lr": 0.0001, "betas": [0.8, 0.999]}
+        assert len(run.data.dataset) == 100_000 and sum(p.numel() for p in run.generator.parameters()) == 484_802
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["step"] == 2 and last["eval/modes_total"] == (25 if "grid" in name else 8)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from targetgen.config import DataConfig
+from targetgen.config import DataConfig, load_config
 from targetgen.data import epoch_order, iterate_batches, load_data, mixture_means
-from targetgen.errors import DataError
+from targetgen.errors import ConfigError, DataError
 
 
 def write_images(folder, count, size=20, start=0):
@@ -89,8 +89,57 @@ def test_toy2d_mixtures():
     assert ring.shape == (4000, 2)
     assert torch.allclose(ring.norm(dim=1).mean(), torch.tensor(2.0), atol=0.01)
     grid = load_data(DataConfig(name="toy2d", mixture="grid25", num_points=5000)).dataset.images
-    nearest = torch.cdist(grid, mixture_means("grid25")).argmin(1)
+    means = mixture_means(DataConfig(name="toy2d", mixture="grid25"))
+    assert torch.equal(means[:6], torch.tensor([[-4.0, -4], [-4, -2], [-4, 0], [-4, 2], [-4, 4], [-2, -4]]))
+    offsets, nearest = torch.cdist(grid, means).min(1)
     assert torch.bincount(nearest, minlength=25).min() > 100  # every mode populated
+    assert (offsets.pow(2).mean() / 2).sqrt().item() == pytest.approx(0.05, rel=0.03)  # σ per coordinate
+
+
+def test_pacgan_ring_has_radius_1_and_std_001():
+    config = DataConfig(name="toy2d", mixture="ring8", radius=1, std=0.01, num_points=8000)
+    means = mixture_means(config)
+    assert torch.allclose(means[1], torch.tensor([0.5**0.5, 0.5**0.5])) and torch.allclose(means.norm(dim=1), torch.ones(8))
+    ring = load_data(config).dataset.images
+    offsets, nearest = torch.cdist(ring, means).min(1)
+    assert torch.bincount(nearest, minlength=8).min() > 900
+    assert (offsets.pow(2).mean() / 2).sqrt().item() == pytest.approx(0.01, rel=0.03)
+    assert torch.allclose(mixture_means(DataConfig(name="toy2d")).norm(dim=1), torch.full((8,), 2.0))  # default
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.radius=0", "data.radius: expected a number > 0, got 0.0"),
+    ("data.radius=-1", "data.radius: expected a number > 0, got -1.0"),
+    ("data.std=0", "data.std: expected a number > 0, got 0.0"),
+])
+def test_bad_mixture_settings_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data.name=toy2d", override])
+    assert str(error.value) == message
+
+
+def test_a_radius_for_the_grid_is_refused():
+    with pytest.raises(ConfigError) as error:
+        load_data(DataConfig(name="toy2d", mixture="grid25", radius=1.0))
+    assert str(error.value) == "data.radius: the radius of ring8; expected null with mixture grid25, got 1.0"
+
+
+def test_resampled_mixture_draws_every_epoch_afresh_from_the_epoch_alone():
+    config = DataConfig(name="toy2d", mixture="grid25", num_points=100, resample=True)
+    data = load_data(config)
+    data.start_epoch(3)
+    third = data.dataset.images.clone()
+    data.start_epoch(4)
+    assert third.shape == (100, 2) and not torch.equal(data.dataset.images, third)
+    data.start_epoch(3)
+    assert torch.equal(data.dataset.images, third)
+    elsewhere = load_data(config)  # e.g. a resumed run: epoch 3's points, without epochs 0–2
+    elsewhere.start_epoch(3)
+    assert torch.equal(elsewhere.dataset.images, third)
+    fixed = load_data(DataConfig(name="toy2d", mixture="grid25", num_points=100))
+    before = fixed.dataset.images.clone()
+    fixed.start_epoch(3)
+    assert torch.equal(fixed.dataset.images, before)  # without resample the points stay
 
 
 def test_epoch_order_and_resumable_batches():

@@ -13,21 +13,23 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
+import yaml
+
 from targetgen import jsonsafe, metrics
 from targetgen.config import DataConfig, EvaluationConfig, load_config
 from targetgen.data import load_data, mixture_means
 from targetgen.digits_classifier import RECIPES, held_out_accuracy
 from targetgen.errors import ConfigError, DataError
-from targetgen.evaluation import fingerprint, real_features, resolve_features, resolve_metrics
+from targetgen.evaluation import evaluate, fingerprint, real_features, resolve_features, resolve_metrics
 from targetgen.features import (
     FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, InceptionFeatures, MnistFeatures, find_fid_weights,
 )
 from targetgen.metrics import (
-    Statistics, class_metrics, feature_statistics, frechet_distance, kernel_inception_distance, kl_to_uniform,
-    mode_metrics, precision_recall_density_coverage,
+    MODE_SAMPLES, Statistics, class_metrics, feature_statistics, frechet_distance, kernel_inception_distance,
+    kl_to_uniform, mode_metrics, precision_recall_density_coverage,
 )
 from targetgen.report import metric_stats, Group
-from targetgen.training import plan_run_dir, train
+from targetgen.training import load_trained, plan_run_dir, train
 
 
 def test_shipped_digits_classifier_is_accurate_on_held_out_digits():
@@ -205,17 +207,43 @@ def test_kid_subsets_are_seeded_and_leave_the_global_rng_alone():
     assert kernel_inception_distance(REAL, FAKE, subsets=20, subset_size=50, seed=4) != first
 
 
+GRID = mixture_means(DataConfig(name="toy2d", mixture="grid25"))
+
+
 def test_mode_metrics_on_the_true_mixture_and_on_one_mode():
-    means, std = mixture_means("grid25"), 0.05
+    means, std = GRID, 0.05
     g = torch.Generator().manual_seed(0)
     true = means[torch.randint(25, (2500,), generator=g)] + std * torch.randn(2500, 2, generator=g)
     m = mode_metrics(true, means, std)
     # within 3σ of its mode: P(‖x‖ ≤ 3σ) = 1 − exp(−9/2) ≈ 0.9889 for a 2-D Gaussian
-    assert m["modes_covered"] == 25 and m["mode_kl_to_uniform"] < 0.02
+    assert m["modes_covered"] == m["modes_covered_20"] == 25 and m["mode_kl_to_uniform"] < 0.02
     assert m["high_quality_share"] == pytest.approx(1 - math.exp(-4.5), abs=0.006)
     one = means[7] + std * torch.randn(2500, 2, generator=g)
     m = mode_metrics(one, means, std)
-    assert m["modes_covered"] == 1 and m["mode_kl_to_uniform"] == pytest.approx(math.log(25))
+    assert m["modes_covered"] == m["modes_covered_20"] == 1 and m["mode_kl_to_uniform"] == pytest.approx(math.log(25))
+
+
+def test_published_rule_counts_one_high_quality_sample_and_the_strict_rule_twenty():
+    std = 0.05
+    near = torch.tensor([0.1, -0.05])  # 0.112 from its centre, within 3σ = 0.15
+    samples = torch.cat([
+        GRID[0] + near.expand(1, 2),    # mode 0: 1 high-quality sample
+        GRID[1] + near.expand(20, 2),   # mode 1: 20
+        GRID[2] + near.expand(19, 2),   # mode 2: 19
+        GRID[3] + torch.tensor([[0.16, 0.0]]).expand(5, 2),  # 3.2σ from mode 3: not high quality
+        torch.tensor([[-3.0, -3.0]]).expand(5, 2),           # between four modes
+    ])
+    m = mode_metrics(samples, GRID, std)
+    assert m["modes_covered"] == 3 and m["modes_covered_20"] == 1 and m["modes_total"] == 25
+    assert m["high_quality_share"] == 40 / 50
+    p = torch.tensor([1, 20, 19], dtype=torch.float64) / 40  # reverse KL: Σ p log(p / (1/25)) over the modes hit
+    assert m["mode_kl_to_uniform"] == pytest.approx((p * (25 * p).log()).sum().item(), rel=1e-12)
+
+
+def test_without_high_quality_samples_the_reverse_kl_is_nan_not_infinite():
+    m = mode_metrics(torch.tensor([[-3.0, -3.0], [1.0, 1.0]]), GRID, 0.05)
+    assert m["modes_covered"] == m["modes_covered_20"] == 0 and m["high_quality_share"] == 0
+    assert math.isnan(m["mode_kl_to_uniform"])
 
 
 def test_class_metrics_count_covered_classes():
@@ -338,8 +366,29 @@ def test_evaluate_modes_on_toy2d_and_bad_choices(tiny_config, tmp_path):
     assert code == 2 and "'classes' needs a feature space that classifies (digits, mnist), got features 'pixels'" in err
     code, _, err = run_cli("evaluate", str(run_dir), "--n", "5")
     assert code == 2 and "evaluation.n: precision/recall/density/coverage with k = 5 need more than 5 samples, got 5" in err
+    # the mode metrics draw the protocol's 2,500 samples of their own, whatever evaluation.n is
+    with mock.patch("targetgen.evaluation.mode_metrics", wraps=mode_metrics) as counted:
+        result = evaluate(load_trained(run_dir), EvaluationConfig(n=100, metrics="modes"))
+    assert counted.call_args.args[0].shape == (MODE_SAMPLES, 2) == (2500, 2) and result["n"] == 100
     code, _, err = run_cli("evaluate", str(run_dir), "--ema")
     assert code == 2 and "keeps no EMA generator" in err
+
+
+def test_runs_from_before_the_mlp_and_mixture_settings_still_evaluate(tiny_config, tmp_path):
+    config = tiny_config("data.name=toy2d", "data.mixture=ring8", "data.num_points=500", "train.steps=2")
+    run_dir = plan_run_dir(config, False)
+    train(config, run_dir, progress=False)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    new_keys = {"model": ["g_depth", "d_depth", "g_width", "d_width", "g_batchnorm", "d_batchnorm", "g_activation",
+                          "d_activation", "d_maxout", "init_std"], "data": ["radius", "resample"]}
+    for section, keys in new_keys.items():
+        for key in keys:
+            del saved[section][key]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))  # as an older targetgen wrote it
+    code, _, err = run_cli("evaluate", str(run_dir), "--metrics", "modes")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["modes_total"] == 8 and {"modes_covered", "modes_covered_20", "mode_kl_to_uniform"} <= result.keys()
 
 
 def test_training_with_inception_evaluation_but_no_weights_fails_before_the_first_step(tiny_config, tmp_path, monkeypatch):

@@ -1,19 +1,28 @@
+import typing
+from pathlib import Path
+
 import pytest
 import torch
 
+from targetgen.config import Activation, ModelConfig, load_config
 from targetgen.errors import ConfigError
 from torch import nn
 
 from targetgen.models import (
+    ACTIVATIONS,
     Discriminator,
     Generator,
     LatentProjection,
+    Maxout,
     MLPGenerator,
+    MLPSpec,
     UpsamplingByMatmul,
     build_discriminator,
     build_generator,
     sampling_copy,
 )
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def count(module):
@@ -41,8 +50,8 @@ def test_tutorial_layer_structure():
 @pytest.mark.parametrize("size", [16, 32, 64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_size_and_channel_count(size, channels):
-    g = build_generator((channels, size, size), nz=10, ngf=4, hidden=0)
-    d = build_discriminator((channels, size, size), ndf=4, hidden=0)
+    g = build_generator((channels, size, size), ModelConfig(nz=10, ngf=4))
+    d = build_discriminator((channels, size, size), ModelConfig(ndf=4))
     x = g(torch.randn(2, 10, 1, 1))
     assert x.shape == (2, channels, size, size)
     assert d(x).shape == (2, 1, 1, 1)
@@ -55,7 +64,7 @@ def test_unsupported_size_is_a_clear_error():
 
 def test_initialisation_follows_the_tutorial():
     torch.manual_seed(0)
-    g = build_generator((3, 64, 64), nz=100, ngf=64, hidden=0)
+    g = build_generator((3, 64, 64), ModelConfig(nz=100, ngf=64))
     conv = g.main[0].weight
     bn = g.main[1]
     assert abs(conv.std().item() - 0.02) < 0.001 and abs(conv.mean().item()) < 0.001
@@ -96,7 +105,7 @@ def test_layers_other_than_theirs_are_refused():
 @pytest.mark.parametrize("image_shape", [(1, 32, 32), (3, 64, 64)])
 def test_sampling_copy_is_the_same_generator_and_leaves_it_alone(image_shape):
     torch.manual_seed(0)
-    g = build_generator(image_shape, nz=10, ngf=4, hidden=0).double()
+    g = build_generator(image_shape, ModelConfig(nz=10, ngf=4)).double()
     g.train()  # matching samples in train mode: BatchNorm uses batch statistics
     buffers = {name: b.clone() for name, b in g.named_buffers()}
     sampler = sampling_copy(g)
@@ -111,7 +120,7 @@ def test_sampling_copy_is_the_same_generator_and_leaves_it_alone(image_shape):
 
 
 def test_sampling_copy_of_other_generators_is_a_plain_copy():
-    g = MLPGenerator(4, 8, 2)
+    g = MLPGenerator(4, MLPSpec(width=8))
     sampler = sampling_copy(g)
     assert type(sampler) is MLPGenerator and sampler is not g
     assert all(torch.equal(a, b) for a, b in zip(sampler.parameters(), g.parameters(), strict=True))
@@ -119,5 +128,97 @@ def test_sampling_copy_of_other_generators_is_a_plain_copy():
 
 def test_sampling_copy_keeps_the_library_layers_off_the_cpu():
     # The matmul layers are a CPU measure; a GPU keeps cuDNN's kernels (here: the meta device).
-    sampler = sampling_copy(build_generator((1, 32, 32), nz=10, ngf=4, hidden=0).to("meta"))
+    sampler = sampling_copy(build_generator((1, 32, 32), ModelConfig(nz=10, ngf=4)).to("meta"))
     assert not any(isinstance(layer, (LatentProjection, UpsamplingByMatmul)) for layer in sampler.main)
+
+
+# ----------------------------------------------------------------------------- toy2d MLPs
+
+
+def test_default_mlps_are_the_networks_targetgen_always_had():
+    # Same layers in the same order, so the same seed gives the same weights and old checkpoints load.
+    torch.manual_seed(3)
+    expected_g = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
+    expected_d = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.2), nn.Linear(128, 128), nn.LeakyReLU(0.2),
+                               nn.Linear(128, 1), nn.Sigmoid())
+    torch.manual_seed(3)
+    g = build_generator((2,), ModelConfig(nz=8))
+    d = build_discriminator((2,), ModelConfig(nz=8))
+    for built, expected in ((g.main, expected_g), (d.main, expected_d)):
+        assert [type(m) for m in built] == [type(m) for m in expected]
+        assert built.state_dict().keys() == expected.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values()))
+    assert d.main[1].negative_slope == 0.2 and d.outputs_probabilities
+    raw = build_discriminator((2,), ModelConfig(), sigmoid=False)
+    assert type(raw.main[-1]) is nn.Linear and not raw.outputs_probabilities
+
+
+@pytest.mark.parametrize("preset", ["pacgan_grid25", "pacgan_ring8"])
+def test_pacgan_networks_have_the_hand_counted_parameters(preset):
+    model = load_config(CONFIGS / f"{preset}.yaml").model
+    g, d = build_generator((2,), model), build_discriminator((2,), model)
+    # G: 2→400 and 3 × 400→400 without bias, 4 batch norms (γ, β), 400→2 with bias
+    assert count(g) == 2 * 400 + 3 * 400 * 400 + 4 * 2 * 400 + 400 * 2 + 2 == 484_802
+    # D: maxout 2→200×5, 2 × maxout 200→200×5, all with biases, then 200→1
+    assert count(d) == (2 * 1000 + 1000) + 2 * (200 * 1000 + 1000) + (200 + 1) == 405_201
+    assert [type(m).__name__ for m in g.main] == ["Linear", "BatchNorm1d", "ReLU"] * 4 + ["Linear"]
+    assert [type(m).__name__ for m in d.main] == ["Maxout"] * 3 + ["Linear", "Sigmoid"]
+    # PacGAN initialises every weight N(0, 0.02) and every bias 0
+    weights = torch.cat([m.weight.flatten() for m in d.modules() if isinstance(m, nn.Linear)])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.01)
+    assert all(torch.all(m.bias == 0) for m in d.modules() if isinstance(m, nn.Linear))
+
+
+def test_maxout_is_the_maximum_over_each_units_pieces():
+    layer = Maxout(2, width=2, pieces=3)
+    with torch.no_grad():  # rows 0–2: unit 0's pieces, rows 3–5: unit 1's
+        layer.linear.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, -1], [2, 0], [0, -2], [1, 1]]))
+        layer.linear.bias.copy_(torch.tensor([0.0, 0, 0, -1, 0, 0.5]))
+    x = torch.tensor([[3.0, -1.0], [-2.0, -4.0]])
+    # x = (3, -1): unit 0 max(3, -1, -2) = 3, unit 1 max(5, 2, 2.5) = 5
+    # x = (-2, -4): unit 0 max(-2, -4, 6) = 6, unit 1 max(-5, 8, -5.5) = 8
+    assert torch.equal(layer(x), torch.tensor([[3.0, 5.0], [6.0, 8.0]]))
+
+
+def test_every_activation_of_the_config_is_built():
+    assert set(ACTIVATIONS) == set(typing.get_args(Activation))
+
+
+@pytest.mark.parametrize("activation", typing.get_args(Activation))
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("maxout", [None, 3])
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_every_discriminator_option_scores_a_batch(activation, batchnorm, maxout, sigmoid):
+    model = ModelConfig(d_depth=3, d_width=16, d_activation=activation, d_batchnorm=batchnorm, d_maxout=maxout)
+    d = build_discriminator((2,), model, sigmoid)
+    x = torch.randn(10, 2)
+    scores = d(x)
+    assert scores.shape == (10, 1) and d.outputs_probabilities is sigmoid
+    if sigmoid:  # probabilities: the raw scores of the layers before, squashed
+        torch.testing.assert_close(scores, torch.sigmoid(d.main[:-1](x)))
+    else:
+        assert type(d.main[-1]) is nn.Linear
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in d.modules()) == (3 if batchnorm else 0)
+    assert sum(isinstance(m, Maxout) for m in d.modules()) == (3 if maxout else 0)
+
+
+@pytest.mark.parametrize("activation", typing.get_args(Activation))
+def test_generator_depth_width_and_activation(activation):
+    g = build_generator((2,), ModelConfig(nz=3, g_depth=3, g_width=7, g_activation=activation))
+    linears = [m for m in g.main if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3, 7), (7, 7), (7, 7), (7, 2)]
+    assert sum(type(m) is type(ACTIVATIONS[activation]()) for m in g.main) == 3
+    assert g(torch.randn(5, 3)).shape == (5, 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.g_activation=swish", "model.g_activation: expected one of 'relu', 'leaky_relu', 'tanh', 'elu', got 'swish'"),
+    ("model.d_maxout=1", "model.d_maxout: expected an integer >= 2, got 1"),
+    ("model.g_depth=0", "model.g_depth: expected an integer >= 1, got 0"),
+    ("model.d_width=0", "model.d_width: expected an integer >= 1, got 0"),
+    ("model.init_std=0", "model.init_std: expected a number > 0, got 0.0"),
+])
+def test_bad_model_settings_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data.name=toy2d", override])
+    assert str(error.value) == message

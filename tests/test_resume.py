@@ -75,6 +75,21 @@ def test_stop_and_resume_is_bit_identical(tiny_config, case):
     assert steps == list(range(1, 21))
 
 
+def test_resampled_toy2d_resumes_bit_identically(tiny_config):
+    # num_points = batch size: every step is an epoch with a fresh draw of 32 points
+    toy = ["data.name=toy2d", "data.mixture=ring8", "data.num_points=32", "data.resample=true", "train.checkpoint_every=7"]
+    whole = train((c := tiny_config(*toy, "train.steps=20", targets="standard", name="whole")), plan_run_dir(c, False), progress=False)
+    first = tiny_config(*toy, "train.steps=13", targets="standard", name="split")
+    run_dir = plan_run_dir(first, False)
+    train(first, run_dir, progress=False)
+    resumed = train(config_of_run(run_dir, ["train.steps=20"]), run_dir, resume=True, progress=False)
+    assert_identical(params(whole), params(resumed))
+    assert torch.equal(whole.data.dataset.images, resumed.data.dataset.images)  # both at epoch 19's draw
+    fixed = train((c := tiny_config(*toy[:-2], "train.steps=20", targets="standard", name="fixed")), plan_run_dir(c, False),
+                  progress=False)
+    assert not torch.equal(params(fixed)["G.main.0.weight"], params(whole)["G.main.0.weight"])
+
+
 def test_crashed_run_resumes_from_its_last_checkpoint(tiny_config, monkeypatch):
     whole = train((c := tiny_config(*LONG, "train.steps=12", targets="standard", name="whole")), plan_run_dir(c, False), progress=False)
 

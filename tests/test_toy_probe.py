@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from targetgen.config import RegressionConfig
+from targetgen.config import ModelConfig, RegressionConfig
 from targetgen.api import Targets
-from targetgen.models import MLPGenerator, build_generator
+from targetgen.models import MLPGenerator, MLPSpec, build_generator
 from targetgen.probe import kernel, kernel_vector_product, predicted_move, predicted_reach
 from targetgen.regression import RegressionEngine
 from targetgen.toy import LinearGenerator, closed_form_regression, train_toy
@@ -44,9 +44,9 @@ def test_linear_generator_kernel_is_norm_of_z_tilde_times_identity(float64):
 def test_kernel_vector_product_equals_exact_kernel(float64, model):
     torch.manual_seed(1)
     if model == "mlp":
-        generator, z = MLPGenerator(nz=3, hidden=16).double(), torch.randn(5, 3)
+        generator, z = MLPGenerator(3, MLPSpec(width=16)).double(), torch.randn(5, 3)
     else:  # train-mode BatchNorm: samples of a batch move together (cross blocks)
-        generator, z = build_generator((1, 16, 16), 4, 4, 0).double(), torch.randn(3, 4, 1, 1)
+        generator, z = build_generator((1, 16, 16), ModelConfig(nz=4, ngf=4)).double(), torch.randn(3, 4, 1, 1)
     with torch.no_grad():
         shape = generator(z).shape
     before = {k: v.clone() for k, v in generator.state_dict().items()}
@@ -74,7 +74,7 @@ def test_first_order_prediction_matches_an_actual_sgd_step(float64):
     errors = []
     for step in (1e-3, 1e-4):
         torch.manual_seed(3)
-        generator = MLPGenerator(nz=3, hidden=32).double()
+        generator = MLPGenerator(3, MLPSpec(width=32)).double()
         with torch.no_grad():
             targets = generator(z) + torch.randn(8, 2)
         predicted = predicted_move(generator, z, targets, step)
@@ -88,7 +88,7 @@ def test_first_order_prediction_matches_an_actual_sgd_step(float64):
 
 def test_best_sgd_step_reaches_the_squared_alignment(float64):
     torch.manual_seed(6)
-    generator = MLPGenerator(nz=3, hidden=16).double()
+    generator = MLPGenerator(3, MLPSpec(width=16)).double()
     z = torch.randn(5, 3)
     with torch.no_grad():
         targets = generator(z) + torch.randn(5, 2)

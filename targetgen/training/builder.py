@@ -116,7 +116,7 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
     layout = torch.channels_last if t.channels_last else torch.contiguous_format
     bf16 = t.precision == "bf16"
     z_shape = latent_shape(shape, m.nz)
-    netG = build_generator(shape, m.nz, m.ngf, m.hidden).to(device, memory_format=layout)
+    netG = build_generator(shape, m).to(device, memory_format=layout)
     trained_G = wrap(netG, processes, device, bf16)  # what steps call: DDP and autocast when asked for
 
     def sample_latents(count: int) -> Tensor:
@@ -125,7 +125,7 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
         return local_share(torch.randn(count * processes.world_size, *z_shape, device=device), processes)
 
     def make_discriminator(sigmoid: bool = True) -> nn.Module:
-        netD = build_discriminator(shape, m.ndf, m.hidden, sigmoid).to(device, memory_format=layout)
+        netD = build_discriminator(shape, m, sigmoid).to(device, memory_format=layout)
         return wrap(netD, processes, device, bf16)
 
     name = config.targets.name
@@ -182,7 +182,7 @@ def load_generator(run_dir: Path) -> TrainedGenerator:
     m = config.model
     shape = data_shape(config.data)
     device = resolve_device(config.train.device)
-    generator = build_generator(shape, m.nz, m.ngf, m.hidden).to(device)
+    generator = build_generator(shape, m).to(device)
     sampling = generator
     try:
         generator.load_state_dict(state["generator"])

@@ -217,6 +217,7 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list
     with bar:
         while pos.step < run.total_steps and not out_of_time:
             started = time.perf_counter()  # an epoch's set-up (IMLE's re-match) counts as training time
+            run.data.start_epoch(pos.epoch)  # toy2d data.resample: this epoch's points, also on resume
             if pos.batch == 0:
                 order = epoch_order(len(run.data.dataset), t.seed, pos.epoch)
                 run.strategy.on_epoch_start(pos.epoch)
