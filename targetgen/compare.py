@@ -442,6 +442,16 @@ def job_devices(devices: str | None) -> list[str]:
     return [str(i) for i in range(count)] if count > 1 else []
 
 
+def job_threads(environ: dict[str, str], jobs: int, cores: int) -> int:
+    """CPU threads per run: the cores shared among the jobs instead of oversubscribed, or fewer when the
+    user set OMP_NUM_THREADS or MKL_NUM_THREADS lower. One count goes into both variables: torch follows
+    MKL_NUM_THREADS when it is set, so a user's OMP_NUM_THREADS=1 beside MKL_NUM_THREADS=2 trains on 2.
+    Runs with train.threads unset use it (toy2d's MLPs use 1)."""
+    given = [int(environ[var]) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+             if environ.get(var, "").isdigit() and int(environ[var]) > 0]
+    return min([max(1, cores // jobs), *given])
+
+
 def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: list[str] = ()) -> Outcome:
     """Train every unfinished run, ``jobs`` processes at a time; print a line per finished run.
 
@@ -456,11 +466,8 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: lis
     if outcome.skipped:
         console.print(f"{len(outcome.skipped)} of {len(plan.runs)} runs already finished: skipped")
     env = dict(os.environ)
-    share = max(1, (os.cpu_count() or 1) // jobs)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # share the cores instead of oversubscribing them:
-        # runs with train.threads unset use this many (toy2d's MLPs use 1); a smaller count the user set stays
-        given = env.get(var, "")
-        env[var] = str(min(share, int(given)) if given.isdigit() and int(given) > 0 else share)
+    threads = str(job_threads(env, jobs, os.cpu_count() or 1))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     bar = Progress(
         TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from targetgen.compare import plan_comparison, run_plan, write_plan
+from targetgen.compare import job_threads, plan_comparison, run_plan, write_plan
 from targetgen.errors import ConfigError, PluginError
 from targetgen.report import Group, headline, mean_se, write_report
 from targetgen.training import train
@@ -288,3 +288,15 @@ def test_job_devices_come_from_the_option_or_the_environment(monkeypatch):
 def test_d_steps_is_a_grid_key_of_every_source(tmp_path):
     plan = plan_comparison(TOY, tmp_path, SHORT, "standard,inversion", grid=["targets.d_steps=1,2"])
     assert labels(plan) == ["standard d_steps=1", "standard d_steps=2", "inversion d_steps=1", "inversion d_steps=2"]
+
+
+@pytest.mark.parametrize("environ, jobs, expected", [
+    ({}, 1, 2), ({}, 2, 1), ({}, 4, 1),                       # the 2 cores shared among the jobs
+    ({"OMP_NUM_THREADS": "1"}, 1, 1),                         # a smaller count the user set stays ...
+    ({"MKL_NUM_THREADS": "1"}, 1, 1),
+    ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "2"}, 1, 1),  # ... whichever variable holds it
+    ({"OMP_NUM_THREADS": "8"}, 1, 2),                         # a larger one does not oversubscribe
+    ({"OMP_NUM_THREADS": "0", "MKL_NUM_THREADS": "x"}, 1, 2),  # unusable values are ignored
+])
+def test_job_threads_one_count_for_both_variables(environ, jobs, expected):
+    assert job_threads(environ, jobs, cores=2) == expected
