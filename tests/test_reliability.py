@@ -333,9 +333,44 @@ def test_two_trainings_into_one_run_directory(tmp_path):
         assert first.poll() is None
     finally:
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
+        try:
+            first.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave a 100,000-step run behind on the machine
+            first.kill()
+            raise
     steps = [r["step"] for r in read_metrics(tmp_path / "same" / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 5
+
+
+
+def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_training(tmp_path):
+    """A KeyboardInterrupt raised inside a finaliser is printed and dropped by Python; the loop must
+    still stop at its next step, with the usual one-line message."""
+    from targetgen.config import load_config
+    from targetgen.training import trainer
+
+    class SwallowsCtrlC:  # what Python does to an exception raised in __del__
+        def __del__(self):
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+
+    previous = signal.getsignal(signal.SIGINT)
+    config = load_config(None, [*TINY, "train.steps=50", f"train.out_dir={tmp_path}", "train.name=swallowed"], "standard")
+    with pytest.MonkeyPatch.context() as patch:
+        real_check = trainer._check_step
+
+        def check_then_swallow(run, stats, step, *args, **kwargs):
+            if step == 3:
+                SwallowsCtrlC()  # dropped at once: its __del__ runs here
+            return real_check(run, stats, step, *args, **kwargs)
+
+        patch.setattr(trainer, "_check_step", check_then_swallow)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, tmp_path / "swallowed")
+    assert [r["step"] for r in read_metrics(tmp_path / "swallowed" / "metrics.jsonl")][-1] == 3
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
@@ -346,7 +381,11 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     while not (tmp_path / "long" / CHECKPOINT).exists() and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # never leave a 100,000-step run behind on the machine
+        process.kill()
+        raise
     assert process.returncode == 130
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped: interrupted; the last checkpoint (step ")
@@ -403,7 +442,11 @@ def test_two_comparisons_in_one_folder(tmp_path):
             "wait for it to finish or stop it"]
     finally:
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
+        try:
+            first.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave a 100,000-step run behind on the machine
+            first.kill()
+            raise
 
 
 def test_the_command_line_is_checked_before_torch_is_imported():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -177,8 +179,34 @@ def train(config: Config, run_dir: Path, resume: bool = False, overwrite: bool =
         if processes.is_main:
             dump_config(config, run_dir / "config.yaml")
             callbacks = held.enter_context(_callbacks(run, run_dir, pos.step))
+        held.enter_context(_remembering_ctrl_c())
         _loop(run, run_dir, pos, order, callbacks, progress)
     return run
+
+
+_ctrl_c = threading.Event()
+
+
+@contextlib.contextmanager
+def _remembering_ctrl_c():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as Python's own handler does, and is also remembered,
+    so that the loop stops at its next step even when the exception was raised inside a finaliser
+    (a ``__del__`` or weakref callback run by the garbage collector), where Python prints
+    "Exception ignored" and trains on."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        _ctrl_c.set()
+        raise KeyboardInterrupt
+
+    _ctrl_c.clear()
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -226,6 +254,8 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list
             batches = iterate_batches(run.data.dataset, order, t.batch_size, pos.batch, t.drop_last,
                                       config.data.num_workers, share=lambda b: local_share(b, processes))
             for batch in batches:
+                if _ctrl_c.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed (above)
+                    raise KeyboardInterrupt
                 log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
                 save = (pos.step + 1) % t.checkpoint_every == 0 or pos.step + 1 == run.total_steps
                 try:
