@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/targetgen train --config configs/digits.yaml --overwrite
+	$(BIN)/targetgen train --config configs/mnist5k.yaml --overwrite
 
 test: setup
 	$(BIN)/python -m pytest
