@@ -193,7 +193,8 @@ def _remembering_ctrl_c():
     so that the loop stops at its next step even when the exception was raised inside a finaliser
     (a ``__del__`` or weakref callback run by the garbage collector), where Python prints
     "Exception ignored" and trains on."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    if (threading.current_thread() is not threading.main_thread()  # only the main thread may set handlers
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # ignored, or someone else's
         yield
         return
 
