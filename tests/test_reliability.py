@@ -317,6 +317,17 @@ def test_the_lock_refuses_a_second_process_and_is_free_once_it_is_gone(tmp_path)
         assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
 
 
+def interrupt(process: subprocess.Popen) -> str:
+    """Ctrl-C to ``process``; its stderr once it has exited. A process that outlives a minute is killed,
+    so that a failing test never leaves a 100,000-step run behind on the machine."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
 def test_two_trainings_into_one_run_directory(tmp_path):
     """The second of two processes is refused, with --overwrite too; the first trains on undisturbed."""
     command = [sys.executable, "-m", "targetgen.cli", "train", "--targets", "standard", "--steps", "100000",
@@ -332,12 +343,7 @@ def test_two_trainings_into_one_run_directory(tmp_path):
             assert f"is in use by process {first.pid} on " in second.stderr and "(targetgen train, started" in second.stderr
         assert first.poll() is None
     finally:
-        first.send_signal(signal.SIGINT)
-        try:
-            first.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # never leave a 100,000-step run behind on the machine
-            first.kill()
-            raise
+        interrupt(first)
     steps = [r["step"] for r in read_metrics(tmp_path / "same" / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 5
 
@@ -380,12 +386,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     while not (tmp_path / "long" / CHECKPOINT).exists() and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    try:
-        _, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # never leave a 100,000-step run behind on the machine
-        process.kill()
-        raise
+    err = interrupt(process)
     assert process.returncode == 130
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped: interrupted; the last checkpoint (step ")
@@ -441,12 +442,7 @@ def test_two_comparisons_in_one_folder(tmp_path):
             f"(targetgen compare, started {json.loads((out / '.lock').read_text())['started']}); "
             "wait for it to finish or stop it"]
     finally:
-        first.send_signal(signal.SIGINT)
-        try:
-            first.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # never leave a 100,000-step run behind on the machine
-            first.kill()
-            raise
+        interrupt(first)
 
 
 def test_the_command_line_is_checked_before_torch_is_imported():
