@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,37 @@ def _train_worker(rank, world_size, init_file, raw, run_dirs, resume):
         run_dir = Path(run_dirs[rank])
         config = config_of_run(run_dir, [f"train.steps={raw['train']['steps']}"]) if resume else from_dict(Config, raw)
         train(config, run_dir, resume=resume, progress=False, processes=processes)
+        dist.barrier()  # neither process tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
 
+def spawn_two(worker, args_for, folders: list[Path] = ()) -> None:
+    """mp.spawn of two processes, tried again when one of them dies of SIGABRT: gloo on the 2-core test
+    machine intermittently aborts a process with "terminate called without an active exception" (about
+    one full run in three, with or without targetgen's changes). ``folders`` are put back as they were
+    before each new try. Any other failure, a wrong result above all, is never retried."""
+    saved = [(d, d.with_name(d.name + ".before")) for d in folders]
+    for d, copy in saved:
+        shutil.copytree(d, copy, dirs_exist_ok=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(worker, args=args_for(attempt), nprocs=2)
+            return
+        except mp.ProcessExitedException as err:
+            if err.signal_name != "SIGABRT" or attempt == 2:
+                raise
+        for d, copy in saved:
+            shutil.rmtree(d)
+            shutil.copytree(copy, d)
+
+
 def train_distributed(raw: dict, run_dirs: list[Path], tmp_path: Path, resume: bool = False) -> None:
-    init_file = tmp_path / f"init-{len(list(tmp_path.glob('init-*')))}"
     for d in run_dirs:
         d.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_train_worker, args=(2, str(init_file), raw, [str(d) for d in run_dirs], resume), nprocs=2)
+    first = len(list(tmp_path.glob("init-*")))
+    spawn_two(_train_worker, lambda attempt: (2, str(tmp_path / f"init-{first}-{attempt}"), raw, [str(d) for d in run_dirs], resume),
+              run_dirs)
 
 
 def generator_state(run_dir: Path) -> dict:
@@ -118,6 +141,7 @@ def _imle_worker(rank, world_size, init_file, data, adaptive, out_file):
     try:
         imle = _matched(data, adaptive, processes)
         torch.save({"matched_z": imle.matched_z, "distance": imle.match_distance}, f"{out_file}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -134,7 +158,7 @@ def test_distributed_imle_matches_exactly_like_one_process(tmp_path, adaptive):
         assert single.rematched_share == pytest.approx(2 / 9)
 
     out = tmp_path / "matched"
-    mp.spawn(_imle_worker, args=(2, str(tmp_path / "init"), data, adaptive, str(out)), nprocs=2)
+    spawn_two(_imle_worker, lambda attempt: (2, str(tmp_path / f"init-{attempt}"), data, adaptive, str(out)))
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert torch.equal(result["matched_z"], single.matched_z)
