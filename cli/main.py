@@ -14,8 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from targetgen.errors import Interrupted, TargetgenError
+from targetgen.errors import Interrupted, TargetgenError, Terminated, raise_terminated
+from targetgen.files import check_writable, write_json
 
 app = typer.Typer(
     help="Train image generators by separating target generation from regression.",
@@ -25,6 +27,11 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One line of output, printed as text: paths and names with brackets stay as they are."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -45,7 +52,8 @@ def train(
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder holding run directories (default runs/).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of the same name.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of the same name (the old run is deleted only once the new one has written its first checkpoint).")] = False,
+    allow_config_change: Annotated[bool, typer.Option(help="With --resume: continue although config.yaml (or --set) differs from the checkpoint's config; the changes are recorded in metrics.jsonl.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train a generator; writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
@@ -68,8 +76,10 @@ def train(
         if config is not None or targets is not None or overwrite:
             raise TargetgenError("--resume continues a run with its saved config; drop --config, --targets and --overwrite")
         run_dir = resumable_run_dir(resume)
-        cfg = config_of_run(resume, overrides)
+        cfg = config_of_run(resume, overrides, allow_config_change)
     else:
+        if allow_config_change:
+            raise TargetgenError("--allow-config-change: only with --resume (a new run has no checkpoint to differ from)")
         cfg = load_config(config, overrides, targets)
         run_dir = planned_run_dir(cfg.train.out_dir, cfg.train.name, overwrite)
 
@@ -79,21 +89,36 @@ def train(
     processes = join(cfg.train.device)  # torchrun: one process per GPU (or CPU share), see docs/scaling.md
     try:
         if resume is not None and processes.is_main:
-            console.print(f"resuming [bold]{run_dir}[/]")
+            say(f"resuming {run_dir}")
         run = run_training(cfg, run_dir, resume=resume is not None, overwrite=overwrite, progress=progress,
-                           processes=processes)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {_checkpoint_kept(run_dir)}; continue with: targetgen train --resume {run_dir}") from None
+                           processes=processes, allow_config_change=allow_config_change)
+    except KeyboardInterrupt as err:
+        raise Interrupted(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}; {_checkpoint_kept(run_dir)}; "
+                          f"continue with: targetgen train --resume {run_dir}",
+                          exit_code=143 if isinstance(err, Terminated) else 130) from None
     finally:
         leave(processes)
     if processes.is_main:
         where = f" on {processes.world_size} processes" if processes.distributed else ""
         steps = (f"{run.total_steps} steps" if run.step == run.total_steps else
                  f"{run.step} of {run.total_steps} steps (train.max_seconds: {cfg.train.max_seconds:g} s of training reached)")
-        console.print(f"data: {run.data.description}; targets: {cfg.targets.name}; {steps}{where}")
-        console.print(f"samples:    {run_dir / 'samples'}")
-        console.print(f"metrics:    {run_dir / 'metrics.jsonl'}")
-        console.print(f"checkpoint: {run_dir / CHECKPOINT}")
+        say(f"data: {run.data.description}; targets: {cfg.targets.name}; {steps}{where}")
+        say(f"samples:    {run_dir / 'samples'}")
+        say(f"metrics:    {run_dir / 'metrics.jsonl'}")
+        say(f"checkpoint: {run_dir / CHECKPOINT}")
+
+
+def _check_range(option: str, value: float, low: float, high: float | None = None, kind: str = "an integer") -> None:
+    """One line naming the option, the range and the value, before any work (typer's own check prints a box)."""
+    import math
+
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise TargetgenError(f"{option}: expected {kind} {bounds}, got {value!r}")
+
+
+SEED_MAX = 2**32 - 1
+GRID_MAX = 10_000  # tiles in one sample grid (a 3,402-pixel-square PNG at 32×32)
 
 
 def _checkpoint_kept(run_dir: Path) -> str:
@@ -127,13 +152,19 @@ def sample(
 
     if n < 1:
         raise TargetgenError(f"--n: expected a positive number of samples, got {n}")
+    _check_range("--seed", seed, 0, SEED_MAX)
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise TargetgenError(f"--out: expected a .png file for the grid, got {out}")
+    if n > GRID_MAX:
+        raise TargetgenError(f"--n: a grid of {n:,} samples would be one PNG of {n:,} tiles; expected at most {GRID_MAX:,}")
+    check_writable(out, "the samples")
     trained = load_generator(run_dir)
     z = torch.randn(n, *trained.latent_shape, generator=torch.Generator().manual_seed(seed))
     samples = generate(trained.sampling_generator, z.to(trained.device))
     # 2-D points are drawn over their (synthetic, always available) data
     data = load_data(trained.config.data).dataset.images if len(trained.image_shape) == 1 else None
     save_samples(samples, out, data, title=f"{run_dir.name}")
-    console.print(f"wrote {n} samples to {out}")
+    say(f"wrote {n} samples to {out}")
 
 
 def _evaluation_options(base, metrics, features, n, seed, cache_dir, fid_weights):
@@ -174,15 +205,16 @@ def evaluate(
     config = config_of_run(run_dir)
     options = _evaluation_options(config.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
     check_evaluation(options, config.data)  # missing FID weights: said before the run is rebuilt
+    check_writable(run_dir / "eval.json", "the evaluation")  # before minutes of work, not after
     run = load_trained(run_dir)
     results = run_evaluation(run, options, ema=ema)
     record = {"run": str(run_dir), "step": run.step, "ema": ema, "features": options.features, **results}
-    (run_dir / "eval.json").write_text(jsonsafe.dumps(record, indent=2) + "\n")
-    table = Table("metric", "value", title=f"{run_dir} (step {run.step})")
+    write_json(run_dir / "eval.json", record, "the evaluation", jsonsafe.dumps)
+    table = Table("metric", "value", title=Text(f"{run_dir} (step {run.step})"))
     for key, value in results.items():
-        table.add_row(key, describe_value(key, value))
+        table.add_row(Text(key), Text(describe_value(key, value)))
     console.print(table)
-    console.print(f"wrote {run_dir / 'eval.json'}")
+    say(f"wrote {run_dir / 'eval.json'}")
 
 
 @app.command("fid-stats")
@@ -213,7 +245,7 @@ def fid_stats(
     data = load_data(config.data)
     extractor = load_features(options.features, resolve_device(config.train.device), options.fid_weights)
     real = real_features(data, config.data, extractor, options)
-    console.print(f"{data.description}: {len(real.features)} images in '{options.features}' space "
+    say(f"{data.description}: {len(real.features)} images in '{options.features}' space "
                   f"({real.features.size(1)}-d), statistics cached")
 
 
@@ -247,11 +279,10 @@ def compare(
         labels = ", ".join(c.label for c in plan.configurations)
         equal = (f"{plan.runs[0].config['train']['max_seconds']:g} s of training each" if plan.compare.budget == "seconds"
                  else "equal steps")
-        console.print(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs "
-                      f"({equal}): {labels}", soft_wrap=True, highlight=False)
+        say(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs ({equal}): {labels}")
         outcome = run_plan(plan, jobs, console, progress, job_devices(devices))
         paths = write_report(out)
-    console.print("report: " + ", ".join(str(p) for p in paths))
+    say("report: " + ", ".join(str(p) for p in paths))
     if outcome.failed:
         names = ", ".join(name for name, _ in outcome.failed)
         raise TargetgenError(f"{len(outcome.failed)} runs failed ({names}); their logs are in {out / 'logs'}; "
@@ -265,7 +296,7 @@ def report(
     """Rebuild results.csv, report.md, curves.png and samples.png from a comparison's finished runs."""
     from targetgen.report import write_report
 
-    console.print("wrote " + ", ".join(str(p) for p in write_report(out)))
+    say("wrote " + ", ".join(str(p) for p in write_report(out)))
 
 
 @app.command()
@@ -286,11 +317,20 @@ def toy(
     """
     from targetgen.toy import train_toy, write_toy_outputs
 
+    _check_range("--dim", dim, 1, 10_000)
+    _check_range("--steps", steps, 1, 10_000_000)
+    _check_range("--batch-size", batch_size, 2, 1_000_000)
+    _check_range("--seed", seed, 0, SEED_MAX)
+    if regression not in ("closed-form", "gradient"):
+        raise TargetgenError(f"--regression: expected closed-form or gradient, got {regression!r}")
+    for option, value in (("--lambda1", lambda1), ("--lr", lr)):
+        if not (value > 0 and value != float("inf")):
+            raise TargetgenError(f"{option}: expected a finite number > 0, got {value!r}")
     result, generator, points = train_toy(dim, steps, regression, lambda1, lr, batch_size=batch_size, seed=seed)
     paths = write_toy_outputs(result, generator, points, out)
-    console.print(f"mean error {result.mean_error[0]:.4g} → {result.mean_error[-1]:.4g}; "
+    say(f"mean error {result.mean_error[0]:.4g} → {result.mean_error[-1]:.4g}; "
                   f"covariance error {result.covariance_error[0]:.4g} → {result.covariance_error[-1]:.4g}")
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    say("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command()
@@ -308,12 +348,14 @@ def probe(
 
     if batch_size < 2:
         raise TargetgenError(f"--batch-size: expected at least 2 samples, got {batch_size}")
+    _check_range("--seed", seed, 0, SEED_MAX)
+    check_writable(run_dir / "probe.json", "the probe")
     results = probe_run(load_trained(run_dir), batch_size, seed)
-    table = Table("quantity", "value", title=f"K_θ probe of {run_dir}")
+    table = Table("quantity", "value", title=Text(f"K_θ probe of {run_dir}"))
     for key, value in results.items():
         table.add_row(key, f"{value:.4g}")
     console.print(table)
-    (run_dir / "probe.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json(run_dir / "probe.json", results, "the probe")
 
 
 @app.command()
@@ -325,33 +367,53 @@ def plugins() -> None:
 
     table = Table("group", "name", "distribution", "version", "status")
     for row in survey():
-        status = "[green]ok[/]" if row.status == "ok" else f"[red]{row.status}[/]"
-        table.add_row(row.group, row.name, row.distribution, row.version, status)
+        status = Text("ok", "green") if row.status == "ok" else Text(row.status, "red")
+        table.add_row(Text(row.group), Text(row.name), Text(row.distribution), Text(row.version), status)
     console.print(table)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line each, without the source line that raised them."""
     if os.environ.get("RANK", "0") == "0":
-        from rich.markup import escape
+        err_console.print(Text.assemble(("warning:", "yellow"), " " + " ".join(str(message).split())), soft_wrap=True)
 
-        err_console.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", soft_wrap=True, highlight=False)
+
+PARENT = "TARGETGEN_PARENT_PID"  # set by compare for its children: they stop when it dies
+
+
+def _die_with_parent() -> None:
+    """A child of ``targetgen compare`` gets SIGTERM when compare dies, however it dies (Linux: PR_SET_PDEATHSIG),
+    so that no orphaned training keeps a run locked; a parent already gone means stop now."""
+    parent = os.environ.get(PARENT, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        raise Terminated
 
 
 def main() -> None:
+    import signal
     import warnings
 
     warnings.showwarning = _one_line_warning
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)  # stop like Ctrl-C: cleanup runs, exit status 143
     try:
+        _die_with_parent()
         app()
     except TargetgenError as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
             label = "stopped" if isinstance(err, Interrupted) else "error"
-            err_console.print(f"[red]{label}:[/] {err}", soft_wrap=True, highlight=False)
+            err_console.print(Text.assemble((f"{label}:", "red"), " " + " ".join(str(err).split("\n"))), soft_wrap=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:  # outside training: nothing to resume
-        err_console.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # outside training: nothing to resume
+        terminated = isinstance(err, Terminated)
+        err_console.print(Text("terminated" if terminated else "interrupted"))
+        sys.exit(143 if terminated else 130)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -43,19 +44,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from rich.text import Text
 
 from . import jsonsafe, registry
-from .config import Config, apply_override, from_dict, read_yaml, set_dotted
-from .errors import ConfigError, TargetgenError
+from .config import SEED_MAX, Config, apply_override, bounded, from_dict, parse_yaml, read_yaml, set_dotted
+from .errors import ConfigError, Interrupted, TargetgenError, Terminated
+from .files import atomic_write, write_json
+from .progress import progress_bar
 from .training.builder import STANDARD, options_class
 
 CONTROL_SUFFIX = "(control)"
+MAX_SEEDS = 1000
+MAX_RUNS = 10_000  # a comparison beyond this is a typo, not a plan: refused before anything is built
 
 
 @dataclass
 class CompareConfig:
     targets: str = "standard,inversion"  # comma-separated target sources
-    seeds: int = 1  # each configuration runs with seeds train.seed, train.seed + 1, ...
+    seeds: int = bounded(1, ge=1, le=MAX_SEEDS)  # each configuration runs with seeds train.seed, train.seed + 1, ...
     grid: dict[str, Any] = field(default_factory=dict)  # axis → list of values, or of {key: value} points
     control: bool = True  # add "standard, G lr = λ2" next to inversion runs whose λ2 differs from standard's lr
     # What every run gets equally: its steps (train.steps / epochs), or its seconds of training steps
@@ -124,12 +130,31 @@ def _applies(key: str, source: str) -> bool:
     return True
 
 
+def _split_top_level(values: str) -> list[str]:
+    """``values`` cut at the commas outside brackets, braces and quotes: ``[1, 2],{a: 1, b: 2}`` is two values."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(values):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(values[start:i])
+            start = i + 1
+    return [*parts, values[start:]]
+
+
 def parse_grid_option(text: str) -> tuple[str, list[Any]]:
-    """``--grid key=v1,v2,...`` → (key, [v1, v2, ...]); values read as YAML."""
+    """``--grid key=v1,v2,...`` → (key, [v1, v2, ...]); values read as YAML flow values, so a value may be
+    a list or a mapping with commas of its own."""
     key, sep, values = text.partition("=")
     if not sep or "." not in key or not values.strip():
         raise ConfigError(f"--grid {text!r}: expected section.key=v1,v2,..., e.g. targets.options.lambda1=0.25,0.5,1")
-    return key.strip(), [yaml.safe_load(v) for v in values.split(",")]
+    return key.strip(), [parse_yaml(v, f"--grid {key.strip()}: value {v.strip()!r}") for v in _split_top_level(values)]
 
 
 def _axes(grid: dict[str, Any]) -> list[list[tuple[str, dict[str, Any]]]]:
@@ -153,6 +178,9 @@ def _axes(grid: dict[str, Any]) -> list[list[tuple[str, dict[str, Any]]]]:
                     f"compare.grid.{axis}: a value axis must be named by its config key (e.g. targets.options.lambda1), "
                     f"or its points must be mappings of section.key: value; got {point!r}"
                 )
+            if any(label == other for other, _ in parsed):
+                raise ConfigError(f"compare.grid.{axis}: two points are labelled {label!r}; every point of an axis needs a "
+                                  "label of its own (give the points distinct `label:` values)")
             parsed.append((label, settings))
         axes.append(parsed)
     return axes
@@ -198,10 +226,15 @@ def _configurations(base: dict[str, Any], compare: CompareConfig, sources: list[
             if all(fits):
                 relevant.append(axis)
                 used[a] = [True] * len(axis)
+        if math.prod(len(axis) for axis in relevant) > MAX_RUNS:
+            raise ConfigError(f"compare.grid: its axes give {math.prod(len(a) for a in relevant):,} configurations of "
+                              f"'{source}', more than {MAX_RUNS:,}; narrow the grid")
         for combination in itertools.product(*relevant):
             settings = {k: v for _, point in combination for k, v in point.items()}
             label = " ".join([source, *(text for text, _ in combination)])
-            found.setdefault(label, Configuration(label, source, settings))
+            if label in found:
+                raise ConfigError(f"compare.grid: two configurations are labelled {label!r}; give their points distinct labels")
+            found[label] = Configuration(label, source, settings)
     for a in range(len(axes)):
         if not any(used[a]):
             raise ConfigError(
@@ -271,8 +304,8 @@ def plan_comparison(
     for text in grid:
         key, values = parse_grid_option(text)
         compare.grid[key] = values
-    if compare.seeds < 1:
-        raise ConfigError(f"--seeds: expected at least 1 seed, got {compare.seeds}")
+    if not 1 <= compare.seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds: expected 1 to {MAX_SEEDS} seeds, got {compare.seeds}")
     sources = [s.strip() for s in compare.targets.split(",") if s.strip()]
     if not sources:
         raise ConfigError(f"--targets: expected a comma-separated list of target sources, got {compare.targets!r}")
@@ -289,12 +322,18 @@ def plan_comparison(
         if other != c.label:
             raise ConfigError(f"compare.grid: configurations {other!r} and {c.label!r} would share a run directory; "
                               "give their points distinct ASCII labels")
+    if len(configurations) * compare.seeds > MAX_RUNS:
+        raise ConfigError(f"compare: {len(configurations):,} configurations × {compare.seeds} seeds = "
+                          f"{len(configurations) * compare.seeds:,} runs, more than {MAX_RUNS:,}; narrow the grid or the seeds")
     runs, lengths, limits = [], {}, set()
     for configuration in configurations:
         source_raw = _source_config(raw, configuration.source, configuration.settings)
         config, _ = _resolved(source_raw, configuration.label)
         _check_budget(compare.budget, config.train.max_seconds, configuration.label)
         limits.add(config.train.max_seconds)
+        if config.train.seed + compare.seeds - 1 > SEED_MAX:
+            raise ConfigError(f"--seeds: {compare.seeds} seeds from train.seed {config.train.seed} go past the largest "
+                              f"seed, {SEED_MAX}; lower train.seed")
         for i in range(compare.seeds):
             seed = config.train.seed + i
             name = f"{_slug(configuration.label)}-seed{seed}"
@@ -338,7 +377,7 @@ def write_plan(plan: Plan, command: str) -> None:
     for run in plan.runs:
         path = configs / f"{run.name}.yaml"
         if path.exists():
-            before, now = _flatten(yaml.safe_load(path.read_text())), _flatten(run.config)
+            before, now = _flatten(read_yaml(path)), _flatten(run.config)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
                 key = changed[0]
@@ -349,14 +388,14 @@ def write_plan(plan: Plan, command: str) -> None:
     configs.mkdir(parents=True, exist_ok=True)
     (plan.out / "logs").mkdir(exist_ok=True)
     for run in plan.runs:
-        (configs / f"{run.name}.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
+        atomic_write(configs / f"{run.name}.yaml", yaml.safe_dump(run.config, sort_keys=False), "planned config")
     entries = [
         {"name": r.name, "label": r.configuration.label, "source": r.configuration.source, "seed": r.seed,
          "control": r.configuration.control, "settings": r.configuration.settings, "budget": plan.compare.budget}
         for r in plan.runs
     ]
-    (plan.out / "plan.json").write_text(json.dumps(entries, indent=1) + "\n")
-    (plan.out / "command.txt").write_text(command + "\n")
+    write_json(plan.out / "plan.json", entries, "comparison plan")
+    atomic_write(plan.out / "command.txt", command + "\n", "comparison command")
 
 
 # ----------------------------------------------------------------------------- running
@@ -405,9 +444,7 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
         "max_seconds": run.config["train"].get("max_seconds"), "wall_s": wall_s, "resumed_from": resumed_from,
         "metrics": metrics,
     }
-    partial = run_dir / "summary.json.partial"
-    partial.write_text(jsonsafe.dumps(summary, indent=1) + "\n")
-    partial.replace(run_dir / "summary.json")
+    write_json(run_dir / "summary.json", summary, "run summary", jsonsafe.dumps)
     return summary
 
 
@@ -457,23 +494,17 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: lis
 
     With ``devices``, each job sees one of them as its only GPU (``CUDA_VISIBLE_DEVICES``),
     the one fewest running jobs use, so that jobs spread over the GPUs instead of sharing cuda:0."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     if jobs < 1:
         raise ConfigError(f"--jobs: expected at least 1 parallel run, got {jobs}")
     pending = [r for r in plan.runs if not is_finished(plan.run_dir(r))]
     outcome = Outcome([], [r.name for r in plan.runs if is_finished(plan.run_dir(r))], [])
     if outcome.skipped:
-        console.print(f"{len(outcome.skipped)} of {len(plan.runs)} runs already finished: skipped")
+        console.print(f"{len(outcome.skipped)} of {len(plan.runs)} runs already finished: skipped", markup=False)
     env = dict(os.environ)
     threads = str(job_threads(env, jobs, os.cpu_count() or 1))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TARGETGEN_PARENT_PID=str(os.getpid()))
 
-    bar = Progress(
-        TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[running]}"),
-        console=console, disable=not progress,
-    )
+    bar = progress_bar("runs", extra="running", console=console, disable=not progress)
     running: dict[str, tuple[subprocess.Popen, PlannedRun, int | None, float, Any, str | None]] = {}
     task = bar.add_task("compare", total=len(plan.runs), completed=len(outcome.skipped), running="")
     try:
@@ -481,6 +512,7 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: lis
             while pending or running:
                 while pending and len(running) < jobs:
                     run = pending.pop(0)
+                    _wait_until_free(plan.run_dir(run))
                     command, resumed_from = _command(plan, run)
                     log = (plan.out / "logs" / f"{run.name}.log").open("a")
                     what = f"resuming from step {resumed_from}" if resumed_from is not None else "starting"
@@ -504,19 +536,39 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: lis
                     if process.returncode == 0:
                         summary = _summarise(plan, run, resumed_from, time.perf_counter() - started)
                         outcome.finished.append(summary)
-                        console.print(f"[green]done[/] {summary_line(summary)}", soft_wrap=True, highlight=False)
+                        console.print(Text.assemble(("done", "green"), f" {summary_line(summary)}"), soft_wrap=True)
                     else:
                         tail = _last_line(plan.out / "logs" / f"{name}.log")
                         outcome.failed.append((name, tail))
-                        console.print(f"[red]failed[/] {name} (exit {process.returncode}): {tail}", soft_wrap=True, highlight=False)
+                        console.print(Text.assemble(("failed", "red"), f" {name} (exit {process.returncode}): {tail}"),
+                                      soft_wrap=True)
                     bar.update(task, advance=1, running=f"running: {', '.join(running)}" if running else "")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: every child stops like a Ctrl-C'd training, checkpoint kept
         for process, *_ in running.values():
             process.terminate()
         for process, *_ in running.values():
             process.wait()
-        raise TargetgenError(f"comparison interrupted; run the same command again to resume it ({plan.out})") from None
+        terminated = isinstance(err, Terminated)
+        raise Interrupted(f"comparison {'terminated' if terminated else 'interrupted'}; its running trainings stopped "
+                          f"with their checkpoints; run the same command again to resume it ({plan.out})",
+                          exit_code=143 if terminated else 130) from None
     return outcome
+
+
+def _wait_until_free(run_dir: Path, seconds: float = 30.0) -> None:
+    """A training left by a killed compare gets SIGTERM with it and stops within moments: wait for its lock
+    to go rather than fail the run (a run still locked after ``seconds`` is started and reports the holder)."""
+    from .training.rundir import check_not_in_use
+
+    deadline = time.monotonic() + seconds
+    while run_dir.is_dir():
+        try:
+            check_not_in_use(run_dir)
+            return
+        except TargetgenError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
 
 def _last_line(path: Path) -> str:

@@ -26,6 +26,11 @@ from .errors import ConfigError
 # ----------------------------------------------------------------------------- ranges
 
 
+def _bound(value: float) -> str:
+    """A range's end as written: 4294967295, not 4.29497e+09."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The range a numeric setting must lie in; checked by ``from_dict`` for every value.
@@ -47,8 +52,8 @@ class Bounds:
         )
 
     def describe(self) -> str:
-        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        low = f"[{_bound(self.ge)}" if self.ge is not None else f"({_bound(self.gt)}" if self.gt is not None else None
+        high = f"{_bound(self.le)}]" if self.le is not None else f"{_bound(self.lt)})" if self.lt is not None else None
         if low and high:
             return f"in {low}, {high}"
         if low:
@@ -65,6 +70,10 @@ def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     range. Third-party target sources use it in their ``Options`` too.
     """
     return field(default=default, default_factory=factory, metadata={"bounds": Bounds(ge, gt, le, lt)})
+
+
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+EVALUATION_MAX_N = 50_000  # the field's largest standard protocol (FID-50k)
 
 
 @dataclass
@@ -120,7 +129,7 @@ class TrainConfig:
     # null: false in one process (the tutorial keeps the last, smaller batch), true with several (each
     # process needs an equal share of every global batch); the resolved value is recorded
     drop_last: bool | None = None
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     log_every: int = bounded(10, ge=1)
     sample_every: int = bounded(200, ge=1)
@@ -177,8 +186,8 @@ class EvaluationConfig:
     features: str = "auto"  # inception | digits | mnist | pixels | a plugin; auto: digits / mnist (mnist5k) / pixels (toy2d) / inception
     # neighbours of the k-NN balls; None: precision/recall at k = 3 (Kynkäänniemi), density/coverage at k = 5 (Naeem)
     k: int | None = bounded(None, ge=1)
-    n: int = bounded(2048, ge=4)  # generated and real samples (the paper: 2048 vs 2048)
-    seed: int = 0  # latents and the real subset; fixed so that evaluations compare
+    n: int = bounded(2048, ge=4, le=EVALUATION_MAX_N)  # generated and real samples (the paper: 2048 vs 2048)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)  # latents and the real subset; fixed so that evaluations compare
     cache_dir: str | None = None  # real statistics; None: ~/.cache/targetgen
     fid_weights: str | None = None  # path of pt_inception-2015-12-05-6726825d.pth
 
@@ -339,14 +348,86 @@ def to_dict(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- files and overrides
 
 
+# Limits on what a YAML text may hold: a config is a few hundred lines, so anything near these is
+# an accident or an attack (an alias bomb expands a few lines into billions of nodes).
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_DEPTH = 64
+YAML_MAX_NODES = 100_000  # after expanding aliases
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses nesting deeper than YAML_MAX_DEPTH while composing."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > YAML_MAX_DEPTH:
+                raise ConfigError(f"nested more than {YAML_MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """The number of nodes ``node`` stands for once every alias is expanded (memoised per node)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    if size > YAML_MAX_NODES:
+        raise ConfigError(f"expands to more than {YAML_MAX_NODES:,} values (aliases included)")
+    sizes[id(node)] = size
+    return size
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong, and where."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{' '.join(str(problem).split())}{where}"
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` read as YAML by the safe loader, within the limits above; ``where`` names it in errors."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters, more than a config may hold ({YAML_MAX_BYTES:,})")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return loader.construct_document(node)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: not a config: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not a config: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > YAML_MAX_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, more than a config may hold ({YAML_MAX_BYTES:,})")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start} is {err.object[err.start]:#04x}); "
+                          "expected a YAML config") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+    raw = parse_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -360,9 +441,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. train.steps=100")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+        value = parse_yaml(text, f"--set {key.strip()}") if text.strip() else None
+    except ConfigError as err:
+        if "not valid YAML" not in str(err):
+            raise
+        value = text  # a plain string that YAML would misread, e.g. a path with ': ' in it
     set_dotted(raw, key.strip(), value, f"--set {assignment!r}")
 
 

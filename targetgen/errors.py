@@ -31,11 +31,26 @@ class RunDirectoryError(TargetgenError):
     """A run directory is missing, is in use, or exists and may not be reused."""
 
 
+class WriteError(TargetgenError):
+    """A file cannot be written (a full disk, a read-only folder); the previous file is kept."""
+
+
 class CheckpointError(TargetgenError):
     """A checkpoint cannot be written, read, or does not fit the run."""
 
 
 class Interrupted(TargetgenError):
-    """The user stopped a command (Ctrl-C); the message says how to continue."""
+    """The user stopped a command (Ctrl-C: exit status 130, SIGTERM: 143); the message says how to continue."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a stop like Ctrl-C (the last checkpoint kept, a resume command printed), exit status 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """The SIGTERM handler of targetgen's commands: Python's default would end the process without cleanup."""
+    raise Terminated

@@ -25,6 +25,7 @@ from . import registry
 from .config import Config, DataConfig, EvaluationConfig
 from .data import ImageFiles, IndexedDataset, TensorImages, TrainingData, iterate_batches, mixture_means, mixture_std
 from .errors import ConfigError
+from .files import atomic_write
 from .metrics import DENSITY_COVERAGE_K, MODE_SAMPLES, PRECISION_RECALL_K, Statistics, class_metrics, feature_statistics
 from .metrics import frechet_distance, kernel_inception_distance, mode_metrics, precision_recall_density_coverage
 from .samples import generate
@@ -140,11 +141,9 @@ def real_features(data: TrainingData, config: DataConfig, extractor, evaluation:
             warnings.warn(f"cached real statistics {path} are unreadable ({err}): recomputing", stacklevel=2)
     features = extractor(real_subset(data, evaluation.n, evaluation.seed)).float()
     stats = feature_statistics(features)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # written whole, then renamed; per process, as parallel runs (compare --jobs) may fill the same cache
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
-    np.savez(partial, key=json.dumps(key), features=features.numpy(), mu=stats.mu, sigma=stats.sigma)
-    partial.replace(path)
+    # written whole, then renamed (per process: parallel runs of a comparison may fill the same cache)
+    atomic_write(path, lambda handle: np.savez(handle, key=json.dumps(key), features=features.numpy(), mu=stats.mu,
+                                               sigma=stats.sigma), "cached real statistics")
     return RealFeatures(features, stats)
 
 
@@ -192,11 +191,39 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
     return results
 
 
-def check_evaluation(evaluation: EvaluationConfig, data: DataConfig) -> None:
-    """Fail at once, before anything is built or trained, on bad metrics or missing FID weights."""
+def metric_names(evaluation: EvaluationConfig, data: DataConfig) -> list[str]:
+    """The names ``evaluate`` reports for these settings (besides the per-class shares), e.g. to check
+    ``train.best_metric`` before training."""
+    features = resolve_features(evaluation, data)
+    chosen = resolve_metrics(evaluation, data, features)
+    suffix = "" if features == "inception" else f"_{features}"
+    names = []
+    if "fid" in chosen:
+        names += [f"fid{suffix}", f"kid{suffix}", f"kid{suffix}_std"]
+    if "pr" in chosen:
+        names += ["precision", "recall", "density", "coverage"]
+    if "modes" in chosen:
+        names += ["modes_covered", "modes_covered_20", "high_quality_share", "mode_kl_to_uniform"]
+    if "classes" in chosen:
+        names += ["classes_covered", "class_kl_to_uniform", "mean_confidence"]
+    return names
+
+
+def check_evaluation(evaluation: EvaluationConfig, data: DataConfig, best_metric: str | None = None) -> None:
+    """Fail at once, before anything is built or trained, on bad metrics, a ``train.best_metric`` that
+    evaluation will not report, or missing FID weights."""
     from .features import find_fid_weights
 
     features = resolve_features(evaluation, data)
     resolve_metrics(evaluation, data, features)
+    if best_metric is not None:
+        names = metric_names(evaluation, data)
+        if best_metric not in names:
+            import difflib
+
+            close = difflib.get_close_matches(best_metric, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"train.best_metric: {best_metric!r} is not among the evaluated metrics{hint} "
+                              f"(expected one of {', '.join(names)})")
     if features == "inception":
         find_fid_weights(evaluation.fid_weights)

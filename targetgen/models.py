@@ -205,6 +205,41 @@ def build_discriminator(image_shape: tuple[int, ...], model: ModelConfig, sigmoi
     return netD
 
 
+def _dcgan_size(image_shape: tuple[int, ...], model: ModelConfig) -> tuple[int, int]:
+    """(parameters of G and D, activation values per sample of one G and D pass) of the DCGAN pair."""
+    channels, size = image_shape[0], image_shape[1]
+    n = _blocks(size)
+    g_widths = [model.ngf * 2**i for i in range(n - 1, -1, -1)]  # 4×4 … size/2, then the image
+    params = model.nz * g_widths[0] * 16 + sum(a * b * 16 for a, b in zip(g_widths, g_widths[1:])) + g_widths[-1] * channels * 16
+    d_widths = [model.ndf * 2**i for i in range(n)]
+    params += channels * d_widths[0] * 16 + sum(a * b * 16 for a, b in zip(d_widths, d_widths[1:])) + d_widths[-1] * 16
+    params += 2 * (sum(g_widths) + sum(d_widths))  # batch norms
+    sides = [4 * 2**i for i in range(n)]
+    activations = sum(w * s * s for w, s in zip(g_widths, sides)) + channels * size * size
+    activations += sum(w * (size // 2 ** (i + 1)) ** 2 for i, w in enumerate(d_widths))
+    return params, activations
+
+
+def _mlp_size(nz: int, out: int, spec: MLPSpec) -> tuple[int, int]:
+    pieces = spec.maxout or 1
+    widths = [nz, *[spec.width] * spec.depth]
+    params = sum(a * b * pieces for a, b in zip(widths, widths[1:])) + widths[-1] * out
+    return params, sum(widths) * pieces + out
+
+
+def training_memory(image_shape: tuple[int, ...], model: ModelConfig, batch_size: int) -> tuple[int, int]:
+    """(parameters, bytes) of training the generator and discriminator ``model`` builds, estimated before
+    building them: float32 weights, gradients and two Adam moments, and a few copies of each layer's output
+    for the batch. An order of magnitude, to refuse sizes no machine could train, not a budget."""
+    if len(image_shape) == 1:
+        g = _mlp_size(model.nz, image_shape[0], generator_spec(model))
+        d = _mlp_size(image_shape[0], 1, discriminator_spec(model))
+        params, activations = g[0] + d[0], g[1] + d[1]
+    else:
+        params, activations = _dcgan_size(image_shape, model)
+    return params, 4 * (4 * params + 4 * activations * batch_size)
+
+
 def latent_shape(image_shape: tuple[int, ...], nz: int) -> tuple[int, ...]:
     """Shape of one latent: nz×1×1 for the DCGAN generator, nz for the MLP."""
     return (nz,) if len(image_shape) == 1 else (nz, 1, 1)

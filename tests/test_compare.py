@@ -84,7 +84,7 @@ def test_grid_points_apply_to_the_sources_that_have_their_keys(tmp_path):
     ([], ["targets.options.lamda1=0.5,1"], "standard,inversion", "applies to none of the sources"),
     ([], ["lambda1=0.5,1"], "inversion", "expected section.key=v1,v2"),
     ([], [], "standard,inversion,standard", "listed twice"),
-    (["compare.seeds=0"], [], "inversion", "--seeds: expected at least 1"),
+    (["compare.seeds=0"], [], "inversion", r"compare.seeds: expected an integer in \[1, 1000\], got 0"),
     (["compare.grid.mixed=[{targets.options.lambda1: 0.5}, {regression.lr: 0.001}]"], [], "inversion,imle",
      "points that apply to 'imle' and points that do not"),
     ([], ["targets.options.lambda1=fast,1"], "inversion", "targets.options.lambda1: expected float"),

@@ -125,7 +125,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.pt \(disk full\); the previous checkpoint is intact"):
         checkpoint_module.atomic_save({"format": 2, "step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    state = checkpoint_module.load_checkpoint(path)
+    state = torch.load(path, weights_only=True)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
@@ -164,7 +164,7 @@ def test_resume_may_only_change_the_length(tiny_config):
     config = tiny_config("train.steps=1", targets="standard")
     run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
-    with pytest.raises(Exception, match="only train.steps and train.epochs may change"):
+    with pytest.raises(Exception, match="only train.steps, train.epochs, "):
         config_of_run(run_dir, ["regression.lr=0.1"])
     with pytest.raises(RunDirectoryError, match="not a targetgen run directory"):
         config_of_run(run_dir / "samples")

@@ -8,6 +8,8 @@ rebuild a trained run from its directory.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +19,14 @@ from torch import Tensor, nn
 from .. import registry
 from ..registry import STANDARD
 from ..api import TargetGenerator, TrainingContext
-from ..config import Config, DataConfig, from_dict, to_dict
+from ..config import Config, DataConfig, ModelConfig, from_dict, to_dict
 from ..data import TrainingData, batches_per_epoch, data_shape, load_data
 from ..distributed import Processes, check_batch, local_share, wrap
 from ..errors import CheckpointError, ConfigError
-from ..models import build_discriminator, build_generator, latent_shape
+from ..models import build_discriminator, build_generator, latent_shape, training_memory
 from ..regression import RegressionEngine
 from .checkpoint import load_checkpoint, restore, seed_everything
-from .rundir import CHECKPOINT, config_of_run, resumable_run_dir
+from .rundir import CHECKPOINT, config_of_run, current_run_dir, resumable_run_dir
 from .standard import StandardGAN, StandardOptions
 from .trainer import Decomposed
 
@@ -33,15 +35,29 @@ def resolve_device(name: str, processes: Processes = Processes()) -> torch.devic
     """The configured device; a distributed process on CUDA gets the GPU of its local rank."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and processes.distributed and torch.cuda.is_available():
-        torch.cuda.set_device(processes.local_rank)
-        return torch.device("cuda", processes.local_rank)
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available; use cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if name == "cuda" and processes.distributed:
+        torch.cuda.set_device(processes.local_rank)
+        return torch.device("cuda", processes.local_rank)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_memory(shape: tuple[int, ...], model: ModelConfig, batch_size: int) -> None:
+    """Refuse network sizes that could never be trained here, before allocating anything."""
+    params, needed = training_memory(shape, model, batch_size)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > total:
+        raise ConfigError(
+            f"model: nz {model.nz}, ngf {model.ngf}, ndf {model.ndf} (hidden {model.hidden} for MLPs) at batch "
+            f"{batch_size} make networks of ~{params:.3g} parameters that need ~{needed / 2**30:,.0f} GiB to train, "
+            f"more than this machine's {total / 2**30:.0f} GiB; expected smaller widths"
+        )
 
 
 PROCESS_THREADS = torch.get_num_threads()  # torch's default for this process, before any run changes it
@@ -111,6 +127,7 @@ def build_run(config: Config, processes: Processes = Processes()) -> Run:
     total_steps = t.steps if t.steps is not None else t.epochs * steps_per_epoch
 
     shape = data.image_shape
+    check_memory(shape, m, t.batch_size)
     if t.channels_last and len(shape) != 3:
         raise ConfigError("train.channels_last: a memory layout for images; toy2d data are points")
     layout = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -178,10 +195,11 @@ def load_generator(run_dir: Path) -> TrainedGenerator:
     """The generator of ``run_dir``'s last checkpoint. Needs config.yaml and the checkpoint, never the
     training data: a run can be sampled after its images have moved."""
     config = config_of_run(run_dir)
-    state = load_checkpoint(resumable_run_dir(run_dir) / CHECKPOINT, targets=config.targets.name)
+    state = load_checkpoint(current_run_dir(resumable_run_dir(run_dir)) / CHECKPOINT, targets=config.targets.name)
     m = config.model
     shape = data_shape(config.data)
     device = resolve_device(config.train.device)
+    check_memory(shape, m, 1)
     generator = build_generator(shape, m).to(device)
     sampling = generator
     try:
@@ -201,5 +219,5 @@ def load_trained(run_dir: Path) -> Run:
     """Rebuild a whole run (data, networks, target source) from its directory and load its latest checkpoint."""
     config = config_of_run(run_dir)
     run = build_run(config)
-    run.step = restore(run, run_dir / CHECKPOINT)[0].step
+    run.step = restore(run, current_run_dir(run_dir) / CHECKPOINT, allow_config_change=True)[0].step
     return run

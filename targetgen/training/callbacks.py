@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import atomic_copy, write_json
 from ..report import lower_is_better
 from .builder import Run
 from .checkpoint import Position, save
 from .logs import Logger
-from .rundir import CHECKPOINT, CHECKPOINTS
+from .rundir import CHECKPOINT, CHECKPOINTS, Replacement
 
 
 @dataclass
@@ -121,27 +120,31 @@ class SaveCheckpoints(Callback):
     best_metric: str | None = None
     evaluation: Evaluate | None = None
     order: Any = None  # the epoch's data order, kept current by the loop
+    replacement: Replacement | None = None  # --overwrite: the previous run, deleted after the first checkpoint
 
     def on_step_end(self, end: StepEnd) -> None:
         last = self.run_dir / CHECKPOINT
         saved = end.pos.step % self.every == 0 or end.last
         if saved:
             save(end.run, last, end.pos, self.order)
+            if self.replacement is not None:
+                self.replacement.commit()
             if self.keep > 1:
                 self._keep(last, end.pos.step)
         evaluated_now = self.evaluation is not None and self.evaluation.step == end.pos.step
         if self.best_metric and evaluated_now and self._is_best():
             best = self.run_dir / CHECKPOINTS / "best.pt"
             if saved:
-                _copy(last, best)
+                atomic_copy(last, best, "checkpoint")
             else:
                 save(end.run, best, end.pos, self.order)
             value = self.evaluation.latest[self.best_metric]
-            (self.run_dir / CHECKPOINTS / "best.json").write_text(json.dumps({"step": end.pos.step, self.best_metric: value}) + "\n")
+            write_json(self.run_dir / CHECKPOINTS / "best.json", {"step": end.pos.step, self.best_metric: value},
+                       "best-checkpoint record")
 
     def _keep(self, last: Path, step: int) -> None:
         folder = last.parent
-        _copy(last, folder / f"step_{step:06d}.pt")
+        atomic_copy(last, folder / f"step_{step:06d}.pt", "checkpoint")
         for old in sorted(folder.glob("step_*.pt"))[: -self.keep]:  # last.pt is the newest of the kept ones
             old.unlink()
 
@@ -159,14 +162,3 @@ class SaveCheckpoints(Callback):
         if best is None:
             return True
         return value < best if lower_is_better(self.best_metric) else value > best
-
-
-def _copy(source: Path, target: Path) -> None:
-    """``target`` becomes the file ``source`` is now, atomically: a hard link, else a copy."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)

@@ -8,11 +8,10 @@ the package version and the resolved config.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +19,9 @@ from torch import Tensor
 
 from .. import __version__
 from ..config import to_dict
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, WriteError
+from ..files import atomic_write
+from .rundir import CHANGEABLE_ON_RESUME
 
 if TYPE_CHECKING:
     from .builder import Run
@@ -29,24 +30,32 @@ FORMAT = 2  # 2: adds targets, version and config to format 1 (step, epoch, batc
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``:
-    an interrupted write leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``torch.save`` through ``files.atomic_write``: an interrupted write leaves the previous checkpoint intact."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its zip writer
-        tmp.unlink(missing_ok=True)
-        kept = "the previous checkpoint is intact" if path.is_file() else "no earlier checkpoint exists"
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); {kept}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda handle: torch.save(obj, handle), "checkpoint")
+    except WriteError as err:
+        raise CheckpointError(str(err)) from None
+
+
+# What a checkpoint of format 2 holds, and the type of each entry (checked on load, before anything is restored).
+ENTRIES = {"step": int, "epoch": int, "batch": int, "order": torch.Tensor, "generator": dict, "strategy": dict,
+           "rng": dict}
+RNG_ENTRIES = ("torch", "numpy", "python")
+
+
+def _check_structure(state: dict, path: Path) -> None:
+    missing = [key for key in ENTRIES if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)} "
+                              f"(expected {', '.join(ENTRIES)}); it was not written by targetgen, or was edited")
+    for key, kind in ENTRIES.items():
+        value = state[key]
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            raise CheckpointError(f"checkpoint {path}: {key} is {value!r:.60}, expected "
+                                  f"{'a non-negative integer' if kind is int else 'a ' + kind.__name__}")
+    missing = [key for key in RNG_ENTRIES if key not in state["rng"]]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: its random number generator states lack {', '.join(missing)}")
 
 
 def load_checkpoint(path: Path, targets: str | None = None) -> dict:
@@ -71,7 +80,8 @@ def load_checkpoint(path: Path, targets: str | None = None) -> dict:
     if not isinstance(state["format"], int) or state["format"] > FORMAT or state["format"] < 1:
         raise CheckpointError(f"checkpoint {path} has format {state['format']!r}; this targetgen reads formats 1 to "
                               f"{FORMAT}: upgrade targetgen to resume it")
-    written_by = state.get("targets") or ("standard" if "source" not in state.get("strategy", {}) else None)
+    _check_structure(state, path)
+    written_by = state.get("targets") or ("standard" if "source" not in state["strategy"] else None)
     if targets is not None and written_by is not None and written_by != targets:
         raise CheckpointError(f"checkpoint {path} was written by target source {written_by!r}; "
                               f"this run's config uses {targets!r}")
@@ -144,20 +154,47 @@ def save(run: Run, path: Path, pos: Position, order: Tensor) -> None:
     )
 
 
-def restore(run: Run, path: Path) -> tuple[Position, Tensor]:
-    """Load the checkpoint at ``path`` into ``run``: refused in one line when it does not fit."""
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(raw, dict) or not raw:
+        return {prefix: raw}
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, dict[str, Any]]:
+    """Keys whose value differs between a checkpoint's config and the run's, but for CHANGEABLE_ON_RESUME;
+    keys only one side has (a newer or older targetgen) are left out."""
+    before, now = _flat(saved), _flat(current)
+    return {key: {"checkpoint": before[key], "now": now[key]} for key in sorted(before.keys() & now.keys())
+            if before[key] != now[key] and key not in CHANGEABLE_ON_RESUME}
+
+
+def restore(run: Run, path: Path, allow_config_change: bool = False) -> tuple[Position, Tensor, dict]:
+    """Load the checkpoint at ``path`` into ``run``: refused in one line when it does not fit, or when the
+    run's config differs from the checkpoint's (unless ``allow_config_change``; the changes are returned)."""
     state = load_checkpoint(path, targets=run.config.targets.name)
     t = run.config.train
     if state["step"] > run.total_steps:
         key, value = ("train.steps", t.steps) if t.steps is not None else ("train.epochs", t.epochs)
         raise ConfigError(f"{key}: {value} gives {run.total_steps} steps, fewer than the checkpoint's "
                           f"{state['step']}; a resumed run can only be extended")
+    changes = config_changes(state["config"], to_dict(run.config)) if isinstance(state.get("config"), dict) else {}
+    if changes and not allow_config_change:
+        shown = "; ".join(f"{k}: {v['checkpoint']!r} in the checkpoint, {v['now']!r} now" for k, v in changes.items())
+        raise ConfigError(f"--resume: {path.parent.parent / 'config.yaml'} differs from the config its checkpoint was "
+                          f"trained with ({shown}); put it back, or continue with the new values with "
+                          "--allow-config-change (recorded in metrics.jsonl)")
     try:
         run.generator.load_state_dict(state["generator"])
         run.strategy.load_state_dict(state["strategy"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this run's networks or optimisers: {first}") from None
-    set_rng_state(state["rng"])
+    try:
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its random number generator states cannot be restored ({err})") from None
     position = Position(state["step"], state["epoch"], state["batch"], state.get("images", 0), state.get("seconds", 0.0))
-    return position, state["order"]
+    return position, state["order"], changes

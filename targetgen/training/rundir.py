@@ -28,12 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, RunDirectoryError
+from ..files import atomic_write
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = f"{CHECKPOINTS}/last.pt"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
+REPLACED = ".replaced"  # an --overwrite's previous run, until the new run's first checkpoint
+MAX_NAME_BYTES = 200
+# What targetgen writes into a run directory: none of them may be a symbolic link (it would write elsewhere).
+WRITTEN = (CONFIG, CHECKPOINTS, METRICS, LOCK, REPLACED, "samples", "tensorboard", "eval.json", "summary.json",
+           "probe.json")
 
 
 # ----------------------------------------------------------------------------- names and places
@@ -46,6 +52,9 @@ def check_run_name(name: str) -> str:
             f"train.name: expected one folder name (no '/', not '.' or '..', not an absolute path), got {name!r}; "
             "use --out-dir to choose where run directories go"
         )
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ConfigError(f"train.name: {len(name.encode())} bytes long; expected at most {MAX_NAME_BYTES} "
+                          f"(file systems allow 255, and targetgen adds suffixes), got {name[:40]!r}...")
     return name
 
 
@@ -55,7 +64,7 @@ def is_run_directory(path: Path) -> bool:
 
 
 def _has_content(path: Path) -> bool:
-    return any(entry.name != LOCK for entry in path.iterdir())
+    return any(entry.name not in (LOCK, REPLACED) for entry in path.iterdir())
 
 
 def planned_run_dir(out_dir: str | Path, name: str, overwrite: bool) -> Path:
@@ -92,26 +101,90 @@ def plan_run_dir(config, overwrite: bool = False) -> Path:
     return planned_run_dir(config.train.out_dir, config.train.name, overwrite)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Empty (``overwrite``) or create ``run_dir`` for a new run; the caller holds its lock."""
+def check_no_links(run_dir: Path) -> None:
+    """Refuse a run directory where anything targetgen writes or deletes is a symbolic link: a link
+    to elsewhere would let a checkpoint, a retention sweep or the lock write outside the run."""
+    entries = [run_dir / name for name in WRITTEN]
+    if (run_dir / CHECKPOINTS).is_dir() and not (run_dir / CHECKPOINTS).is_symlink():
+        entries += sorted((run_dir / CHECKPOINTS).iterdir())
+    for entry in entries:
+        if entry.is_symlink():
+            raise RunDirectoryError(f"{entry} is a symbolic link (to {os.readlink(entry)}); targetgen never writes "
+                                    "or deletes through one; replace it with the folder or file itself")
+
+
+class Replacement:
+    """An ``--overwrite`` in progress: the previous run waits in ``RUN/.replaced`` until the new run has
+    written its first checkpoint (``commit``: then it is deleted); any failure before that puts it back
+    (``rollback``). Both happen under the run's lock; a process killed in between leaves ``.replaced``,
+    which the next process to lock the run directory settles (``settle_replacement``)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.aside = run_dir / REPLACED
+        self.done = False
+
+    @classmethod
+    def begin(cls, run_dir: Path) -> Replacement:
+        replacement = cls(run_dir)
+        replacement.aside.mkdir()
+        for entry in list(run_dir.iterdir()):
+            if entry.name not in (LOCK, REPLACED):
+                entry.rename(replacement.aside / entry.name)  # the same folder's file system: a rename, never a copy
+        return replacement
+
+    def commit(self) -> None:
+        if not self.done:
+            shutil.rmtree(self.aside)  # removes links found inside, never what they point to
+            self.done = True
+
+    def rollback(self) -> None:
+        if self.done:
+            return
+        for entry in list(self.run_dir.iterdir()):
+            if entry.name not in (LOCK, REPLACED):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in list(self.aside.iterdir()):
+            entry.rename(self.run_dir / entry.name)
+        self.aside.rmdir()
+        self.done = True
+
+
+def settle_replacement(run_dir: Path) -> None:
+    """Finish an ``--overwrite`` whose process died: the new run is kept once it has a checkpoint,
+    else the previous run is put back. Call under the lock."""
+    if (run_dir / REPLACED).is_dir() and not (run_dir / REPLACED).is_symlink():
+        replacement = Replacement(run_dir)
+        replacement.commit() if (run_dir / CHECKPOINT).is_file() else replacement.rollback()
+
+
+def current_run_dir(run_dir: Path) -> Path:
+    """Where ``run_dir``'s run is now: in ``.replaced`` while an interrupted ``--overwrite`` that never
+    reached its first checkpoint waits to be rolled back, else ``run_dir`` itself. For reading only."""
+    aside = run_dir / REPLACED
+    if aside.is_dir() and not aside.is_symlink() and not (run_dir / CHECKPOINT).is_file():
+        return aside
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Replacement | None:
+    """Make ``run_dir`` ready for a new run; the caller holds its lock. An existing run (``overwrite``)
+    is moved aside, not deleted: the returned ``Replacement`` deletes or restores it."""
+    replacement = None
     if _has_content(run_dir):  # another process may have started a run here since it was planned
         planned_run_dir(run_dir.parent, run_dir.name, overwrite)
-        for entry in run_dir.iterdir():
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        replacement = Replacement.begin(run_dir)
     (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+    return replacement
 
 
 def resumable_run_dir(run_dir: Path) -> Path:
     """``run_dir`` if it is a run directory with a checkpoint to resume from."""
-    if not (run_dir / CONFIG).is_file():
+    current = current_run_dir(run_dir)
+    if not (current / CONFIG).is_file():
         raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no {CONFIG})")
     check_not_in_use(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
+    if not (current / CHECKPOINT).is_file():
         raise RunDirectoryError(
             f"--resume: {run_dir} has no checkpoint ({CHECKPOINT}): the run stopped before its first one; "
             f"start it again with --config {run_dir / CONFIG} --overwrite"
@@ -119,9 +192,9 @@ def resumable_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def _os_error(err: OSError, what: str) -> RunDirectoryError:
+def _os_error(err: OSError, what: str, path: Path | None = None) -> RunDirectoryError:
     reason = err.strerror or type(err).__name__
-    return RunDirectoryError(f"cannot {what} {err.filename or ''}: {reason}".replace("  ", " "))
+    return RunDirectoryError(f"cannot {what} {err.filename or path or ''}: {reason}".replace("  ", " "))
 
 
 def make_dir(path: Path) -> None:
@@ -151,35 +224,54 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
+def _write_holder(handle, command: str) -> None:
+    """Who holds the lock, for the refusal message another process prints."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+
+
 @contextmanager
 def run_lock(folder: Path, command: str = "targetgen train") -> Iterator[None]:
     """Hold ``folder/.lock`` while the body runs; refuse at once if another process holds it.
 
     ``flock`` is released by the kernel when its process ends, also on kill -9:
     a lock whose process is gone is simply taken over. The file records the
-    holder's pid, host and start time for the refusal message.
+    holder's pid, host and start time for the refusal message. A folder this
+    call had to create is removed again when the lock cannot be taken.
     """
     import fcntl  # POSIX; targetgen's run directories are written on Linux and macOS
 
+    created = not folder.exists()
     make_dir(folder)
     path = folder / LOCK
     try:
-        handle = open(path, "a+")
+        handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "r+")
     except OSError as err:
-        raise _os_error(err, "lock") from None
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        if path.is_symlink():
+            raise RunDirectoryError(f"{path} is a symbolic link (to {os.readlink(path)}); targetgen never writes "
+                                    "through one; remove it") from None
+        raise _os_error(err, "lock", path) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunDirectoryError(f"{folder} is in use by {_holder(path)}; wait for it to finish or stop it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        handle.flush()
+        try:
+            _write_holder(handle, command)
+        except OSError as err:  # a full disk: the run could not write its first checkpoint either
+            handle.close()
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise _os_error(err, "write the lock", path) from None
         yield
     finally:
-        handle.close()  # releases the flock; the file stays (removing it would race a waiting process)
+        if not handle.closed:
+            handle.close()  # releases the flock; the file stays (removing it would race a waiting process)
 
 
 def check_not_in_use(folder: Path) -> None:
@@ -220,12 +312,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):  # no newline after it: the write was cut short
                 break
             raise RunDirectoryError(f"{path}, line {number}: not a JSON record ({line[:60]!r}); "
                                     "the log was edited or corrupted") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise RunDirectoryError(f"{path}, line {number}: expected a record with a step, got {line[:60]!r}; "
+                                    "the log was edited or corrupted")
+        records.append(record)
     return records
 
 
@@ -234,27 +331,33 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [record for record in read_metrics(path) if record["step"] <= step]
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    partial.replace(path)
+    atomic_write(path, "".join(json.dumps(record) + "\n" for record in kept), "metrics log")
 
 
 # ----------------------------------------------------------------------------- a run's config
 
 
-def config_of_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()):
-    """The resolved config saved in ``run_dir``, with (only) length overrides applied."""
+# Keys a resumed run may change: how long it runs and how often it logs, evaluates and saves; where it lives.
+CHANGEABLE_ON_RESUME = ("train.steps", "train.epochs", "train.max_seconds", "train.log_every", "train.sample_every",
+                        "train.checkpoint_every", "train.keep_checkpoints", "train.loggers", "train.name",
+                        "train.out_dir", "evaluation.every")
+
+
+def config_of_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), allow_config_change: bool = False):
+    """The resolved config saved in ``run_dir``, with overrides of the keys a resumed run may change
+    (any key with ``allow_config_change``) applied."""
     from ..config import Config, apply_override, from_dict, read_yaml
 
-    path = run_dir / CONFIG
+    path = current_run_dir(run_dir) / CONFIG
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no {CONFIG})")
     raw = read_yaml(path)
     for assignment in overrides:
         key = assignment.partition("=")[0].strip()
-        if key not in ("train.steps", "train.epochs"):
+        if key not in CHANGEABLE_ON_RESUME and not allow_config_change:
             raise ConfigError(
-                f"--set {key}: a resumed run keeps its config; only train.steps and train.epochs may change"
+                f"--set {key}: a resumed run keeps its config; only {', '.join(CHANGEABLE_ON_RESUME)} may change "
+                "(or pass --allow-config-change)"
             )
         apply_override(raw, assignment)
     return from_dict(Config, raw)

@@ -22,14 +22,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .. import jsonsafe
 from ..api import Batch, Generated, TargetGenerator
 from ..config import Config, dump_config, to_dict
 from ..data import epoch_order, iterate_batches
 from ..distributed import Processes, anywhere, average, local_share, on_main
-from ..errors import ConfigError, DivergenceError
+from ..errors import ConfigError, DivergenceError, TargetgenError, Terminated, raise_terminated
+from ..progress import progress_bar
 from ..regression import RegressionEngine
 from .checkpoint import Position, load_checkpoint, restore
-from .rundir import CHECKPOINT, prepare_run_dir, remove_orphans, resumable_run_dir, run_lock
+from .rundir import (CHECKPOINT, METRICS, Replacement, check_no_links, prepare_run_dir, remove_orphans, resumable_run_dir,
+                     run_lock, settle_replacement)
 
 if TYPE_CHECKING:
     from .builder import Run
@@ -142,12 +145,16 @@ def _check_step(run: Run, stats: dict[str, Tensor | float], step: int, run_dir: 
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          processes: Processes = Processes()) -> Run:
+          processes: Processes = Processes(), allow_config_change: bool = False) -> Run:
     """Train ``config`` into ``run_dir`` (from its checkpoint when ``resume``).
 
     Everything is built, and so every value checked, before the directory is
-    touched; then the directory is locked for the whole run, and emptied first
-    only when ``overwrite`` allows it (``rundir.prepare_run_dir``).
+    touched; then the directory is locked for the whole run. With ``overwrite``
+    the previous run is moved aside and deleted only once the new run has
+    written its first checkpoint; any failure before that puts it back
+    (``rundir.Replacement``). A resumed run's config must equal its
+    checkpoint's, but for the keys meant to change on resume, unless
+    ``allow_config_change`` (the changes are then recorded in metrics.jsonl).
     Distributed, every process trains on its share of each global batch and
     resumes from the same checkpoint; rank 0 alone locks and writes anything.
     """
@@ -156,32 +163,51 @@ def train(config: Config, run_dir: Path, resume: bool = False, overwrite: bool =
     from .logs import check_loggers
 
     if config.evaluation.every:  # rank 0 evaluates; its verdict reaches every process before any step
-        on_main(processes, lambda: check_evaluation(config.evaluation, config.data))
+        on_main(processes, lambda: check_evaluation(config.evaluation, config.data, config.train.best_metric))
     elif config.train.best_metric:
         raise ConfigError("train.best_metric: needs in-run evaluation; set evaluation.every (e.g. to checkpoint_every)")
     on_main(processes, lambda: check_loggers(config.train.loggers))
     run = build_run(config, processes)
     with contextlib.ExitStack() as held:
+        replacement: list = [None]
 
         def claim() -> None:
             held.enter_context(run_lock(run_dir))
+            settle_replacement(run_dir)  # an earlier --overwrite that was killed half-way
+            check_no_links(run_dir)
             remove_orphans(run_dir)
             if resume:
                 resumable_run_dir(run_dir)
             else:
-                prepare_run_dir(run_dir, overwrite)
+                replacement[0] = prepare_run_dir(run_dir, overwrite)
+                if replacement[0] is not None:
+                    held.enter_context(_replacing(replacement[0]))
 
         on_main(processes, claim)
-        pos, order = Position(), epoch_order(len(run.data.dataset), config.train.seed, 0)
+        pos, order, changes = Position(), epoch_order(len(run.data.dataset), config.train.seed, 0), {}
         if resume:
-            pos, order = restore(run, run_dir / CHECKPOINT)
+            pos, order, changes = restore(run, run_dir / CHECKPOINT, allow_config_change)
         callbacks: list = []
         if processes.is_main:
             dump_config(config, run_dir / "config.yaml")
-            callbacks = held.enter_context(_callbacks(run, run_dir, pos.step))
+            callbacks = held.enter_context(_callbacks(run, run_dir, pos.step, replacement[0], changes))
         held.enter_context(_remembering_ctrl_c())
         _loop(run, run_dir, pos, order, callbacks, progress)
     return run
+
+
+@contextlib.contextmanager
+def _replacing(replacement: Replacement):
+    """The previous run is deleted once the new one has checkpointed (or finished); put back on any failure before."""
+    try:
+        yield
+    except BaseException as err:
+        if not replacement.done:
+            replacement.rollback()
+            if isinstance(err, TargetgenError):
+                err.args = (f"{err}; the previous run in {replacement.run_dir} was put back as it was",)
+        raise
+    replacement.commit()
 
 
 _ctrl_c = threading.Event()
@@ -189,29 +215,39 @@ _ctrl_c = threading.Event()
 
 @contextlib.contextmanager
 def _remembering_ctrl_c():
-    """Ctrl-C (SIGINT) raises KeyboardInterrupt as Python's own handler does, and is also remembered,
-    so that the loop stops at its next step even when the exception was raised inside a finaliser
-    (a ``__del__`` or weakref callback run by the garbage collector), where Python prints
-    "Exception ignored" and trains on."""
-    if (threading.current_thread() is not threading.main_thread()  # only the main thread may set handlers
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # ignored, or someone else's
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as Python's own handler does, and SIGTERM raises
+    ``Terminated`` (a KeyboardInterrupt: the same checkpoint-kept stop, exit status 143). Both are also
+    remembered, so that the loop stops at its next step even when the exception was raised inside a
+    finaliser (a ``__del__`` or weakref callback run by the garbage collector), where Python prints
+    "Exception ignored" and trains on. A handler someone else installed (or an ignored signal) stays."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
+    ours = {signal.SIGINT: (signal.default_int_handler, KeyboardInterrupt), signal.SIGTERM: (raise_terminated, Terminated)}
+    previous = {}
 
     def interrupt(signum, frame):
         _ctrl_c.set()
-        raise KeyboardInterrupt
+        _stopped_by[0] = ours[signum][1]
+        raise ours[signum][1]
 
     _ctrl_c.clear()
-    previous = signal.signal(signal.SIGINT, interrupt)
+    for signum, (default, _) in ours.items():
+        current = signal.getsignal(signum)
+        if current is default or (signum == signal.SIGTERM and current == signal.SIG_DFL):
+            previous[signum] = signal.signal(signum, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_stopped_by: list = [KeyboardInterrupt]  # which signal the remembered stop came from
 
 
 @contextlib.contextmanager
-def _callbacks(run: Run, run_dir: Path, start_step: int):
+def _callbacks(run: Run, run_dir: Path, start_step: int, replacement: Replacement | None, changes: dict):
     """The callbacks of a run, in the order they run after each step; closes the loggers."""
     from .callbacks import Evaluate, LogMetrics, SaveCheckpoints, WriteSamples
     from .logs import open_loggers
@@ -219,8 +255,11 @@ def _callbacks(run: Run, run_dir: Path, start_step: int):
     t = run.config.train
     loggers = open_loggers(t.loggers, run_dir, to_dict(run.config), start_step)
     try:
+        if changes:  # --allow-config-change: what changed is part of the run's record
+            (run_dir / METRICS).open("a").write(jsonsafe.dumps({"step": start_step, "config_change": changes}) + "\n")
         evaluation = Evaluate(run.config.evaluation.every, loggers) if run.config.evaluation.every else None
-        checkpoints = SaveCheckpoints(run_dir, t.checkpoint_every, t.keep_checkpoints, t.best_metric, evaluation)
+        checkpoints = SaveCheckpoints(run_dir, t.checkpoint_every, t.keep_checkpoints, t.best_metric, evaluation,
+                                      replacement=replacement)
         yield [LogMetrics(loggers), *([evaluation] if evaluation else []), WriteSamples(run_dir, t.sample_every), checkpoints]
     finally:
         for logger in loggers:
@@ -228,18 +267,12 @@ def _callbacks(run: Run, run_dir: Path, start_step: int):
 
 
 def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list, progress: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from .callbacks import SaveCheckpoints, StepEnd
 
     config, processes = run.config, run.processes
     t = config.train
     saving = next((c for c in callbacks if isinstance(c, SaveCheckpoints)), None)
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-        disable=not (progress and processes.is_main),
-    )
+    bar = progress_bar("steps", extra="losses", disable=not (progress and processes.is_main))
     task = bar.add_task(config.train.name, total=run.total_steps, completed=pos.step, losses="")
     images_seen, busy = 0, 0.0
     out_of_time = t.max_seconds is not None and pos.seconds >= t.max_seconds  # a resumed run may have none left
@@ -255,8 +288,8 @@ def _loop(run: Run, run_dir: Path, pos: Position, order: Tensor, callbacks: list
             batches = iterate_batches(run.data.dataset, order, t.batch_size, pos.batch, t.drop_last,
                                       config.data.num_workers, share=lambda b: local_share(b, processes))
             for batch in batches:
-                if _ctrl_c.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed (above)
-                    raise KeyboardInterrupt
+                if _ctrl_c.is_set():  # a Ctrl-C or SIGTERM whose exception was swallowed (above)
+                    raise _stopped_by[0]
                 log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
                 save = (pos.step + 1) % t.checkpoint_every == 0 or pos.step + 1 == run.total_steps
                 try:
