@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 satisfy the ranges in pyproject.toml.
 EXTRAS ?= cpu,mnist,dev
 
-.PHONY: run test setup clean
+.PHONY: run test lint setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/targetgen train --config configs/mnist5k.yaml --overwrite
+	$(BIN)/targetgen train --config mnist5k --overwrite
 
 test: setup
 	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

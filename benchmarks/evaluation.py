@@ -27,11 +27,15 @@ from unittest import mock
 import torch
 
 from targetgen.config import load_config
-from targetgen.evaluation import evaluate
 from targetgen.data import as_mnist_size, mnist5k_digits
+from targetgen.evaluation import evaluate
 from targetgen.features import FID_WEIGHTS_FILE, InceptionFeatures, MnistFeatures
-from targetgen.metrics import (feature_statistics, frechet_distance, kernel_inception_distance,
-                               precision_recall_density_coverage)
+from targetgen.metrics import (
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall_density_coverage,
+)
 from targetgen.training import build_run
 
 
@@ -42,15 +46,20 @@ def domain_space(preset: str, cache: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results = evaluate(run)
-        print(f"{preset}, {run.config.evaluation.features} space, 2048 samples, {label}: {time.perf_counter() - start:.2f} s "
-              f"({', '.join(sorted(k for k in results if not k.startswith('class_')))})")
+        print(
+            f"{preset}, {run.config.evaluation.features} space, 2048 samples, {label}: "
+            f"{time.perf_counter() - start:.2f} s "
+            f"({', '.join(sorted(k for k in results if not k.startswith('class_')))})"
+        )
 
 
 def inception(tmp: Path) -> None:
     from pytorch_fid import inception as fid_inception
 
-    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-         mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None):
+    with (
+        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
+    ):
         model = fid_inception.fid_inception_v3()
     path = tmp / FID_WEIGHTS_FILE
     torch.save(model.state_dict(), path)
@@ -60,20 +69,24 @@ def inception(tmp: Path) -> None:
     start = time.perf_counter()
     features(images)
     rate = len(images) / (time.perf_counter() - start)
-    print(f"Inception pool3 on CPU ({torch.get_num_threads()} threads), 64×64 inputs resized to 299: {rate:.1f} images/s "
-          f"→ 2048 + 2048 images ≈ {4096 / rate / 60:.1f} min (real statistics cached: half)")
+    print(
+        f"Inception pool3 on CPU ({torch.get_num_threads()} threads), 64×64 inputs resized to 299: {rate:.1f} images/s "
+        f"→ 2048 + 2048 images ≈ {4096 / rate / 60:.1f} min (real statistics cached: half)"
+    )
 
 
 def real_vs_real(n: int = 2048, seed: int = 0) -> None:
     images, _ = mnist5k_digits()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     features = MnistFeatures()
-    a, b = (features(as_mnist_size(images[idx], 32, 1)).float() for idx in (order[:n], order[n:2 * n]))
+    a, b = (features(as_mnist_size(images[idx], 32, 1)).float() for idx in (order[:n], order[n : 2 * n]))
     fid = frechet_distance(feature_statistics(b), feature_statistics(a))
     kid, kid_std = kernel_inception_distance(a, b, seed=seed)
     scores = precision_recall_density_coverage(a, b)
-    print(f"mnist space, {n} real vs {n} other real mnist5k digits: fid_mnist {fid:.2f}, kid_mnist {kid:.0f} ± {kid_std:.0f}, "
-          + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(
+        f"mnist space, {n} real vs {n} other real mnist5k digits: fid_mnist {fid:.2f}, kid_mnist {kid:.0f} ± "
+        f"{kid_std:.0f}, " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+    )
 
 
 def main() -> None:

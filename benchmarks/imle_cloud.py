@@ -36,7 +36,9 @@ def landing(run_dir: Path, prior: int = 10_000) -> dict[str, dict[str, float]]:
     run = load_trained(run_dir)
     config, source = run.config, run.source
     if config.data.name != "toy2d" or not isinstance(source, IMLE):
-        raise ConfigError(f"{run_dir}: expected a toy2d run trained with imle, got {config.data.name} with {config.targets.name}")
+        raise ConfigError(
+            f"{run_dir}: expected a toy2d run trained with imle, got {config.data.name} with {config.targets.name}"
+        )
     means, std = mixture_means(config.data).double(), mixture_std(config.data)
     matched = source.matched_z.cpu()
     pool = torch.cat(list(source.pool_latents(source.matched_epoch)))
@@ -47,10 +49,13 @@ def landing(run_dir: Path, prior: int = 10_000) -> dict[str, dict[str, float]]:
     for name, z in (("matched", matched), ("unmatched", unmatched), ("prior", fresh)):
         samples = generate(run.generator, z.to(run.device), chunk=4096).double().cpu()
         distance = torch.cdist(samples, means).min(dim=1).values
-        result[name] = {"latents": float(len(z)), "distinct": float(len(torch.unique(z, dim=0))),
-                        "median_distance": distance.median().item(),
-                        "p90_distance": distance.quantile(0.9).item(),
-                        "share_within_3_sigma": (distance <= 3 * std).double().mean().item()}
+        result[name] = {
+            "latents": float(len(z)),
+            "distinct": float(len(torch.unique(z, dim=0))),
+            "median_distance": distance.median().item(),
+            "p90_distance": distance.quantile(0.9).item(),
+            "share_within_3_sigma": (distance <= 3 * std).double().mean().item(),
+        }
     return result
 
 
@@ -58,12 +63,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args()
-    print("| run | latents | how many (distinct) | median distance to nearest mode | 90th percentile | share within 3σ |")
+    print(
+        "| run | latents | how many (distinct) | median distance to nearest mode | 90th percentile | share within 3σ |"
+    )
     print("|---|---|---|---|---|---|")
     for run_dir in args.runs:
         for name, r in landing(run_dir).items():
-            print(f"| {run_dir.name} | {name} | {r['latents']:,.0f} ({r['distinct']:,.0f}) | {r['median_distance']:.3f} | "
-                  f"{r['p90_distance']:.3f} | {100 * r['share_within_3_sigma']:.1f} % |")
+            print(
+                f"| {run_dir.name} | {name} | {r['latents']:,.0f} ({r['distinct']:,.0f}) | "
+                f"{r['median_distance']:.3f} | "
+                f"{r['p90_distance']:.3f} | {100 * r['share_within_3_sigma']:.1f} % |"
+            )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,20 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from targetgen.report import mean_se
 
 # PacGAN Table 1, row "GAN" (Lin et al. 2018, 10 runs each); its ring reverse KL is not quoted here
 PACGAN = {
-    "pacgan_grid25": {"total": 25, "modes": "17.3 ± 0.8", "modes_mean": 17.3, "hq": "94.8 %", "hq_mean": 0.948, "kl": "0.70"},
+    "pacgan_grid25": {
+        "total": 25,
+        "modes": "17.3 ± 0.8",
+        "modes_mean": 17.3,
+        "hq": "94.8 %",
+        "hq_mean": 0.948,
+        "kl": "0.70",
+    },
     "pacgan_ring8": {"total": 8, "modes": "6.3", "modes_mean": 6.3, "hq": "98.2 %", "hq_mean": 0.982, "kl": "—"},
 }
 # The anchor holds when the standard GAN is within this many modes of PacGAN's mean, at this high-quality share.
@@ -37,8 +46,10 @@ def evaluations(run_dir: Path) -> list[dict]:
 
 
 def seed_runs(folder: Path) -> list[Path]:
-    return sorted((p for p in (folder / "runs").glob("standard-seed*") if (p / "metrics.jsonl").is_file()),
-                  key=lambda p: int(p.name.rsplit("seed", 1)[1]))
+    return sorted(
+        (p for p in (folder / "runs").glob("standard-seed*") if (p / "metrics.jsonl").is_file()),
+        key=lambda p: int(p.name.rsplit("seed", 1)[1]),
+    )
 
 
 def fmt(mean: float, se: float, digits: int) -> str:
@@ -48,8 +59,11 @@ def fmt(mean: float, se: float, digits: int) -> str:
 def table(runs: Path, step: int | None = None) -> tuple[list[str], list[str]]:
     """The README's table at ``step`` (None: each run's last evaluation), and per preset whether the anchor holds."""
     verdicts = []
-    lines = ["| preset | seed | steps | modes (≥ 1 HQ) | high-quality share | reverse KL | modes_covered_20 | training time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | seed | steps | modes (≥ 1 HQ) | high-quality share | reverse KL | modes_covered_20 | training "
+        "time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for preset, reference in PACGAN.items():
         rows = []
         for run_dir in seed_runs(runs / preset):
@@ -59,30 +73,37 @@ def table(runs: Path, step: int | None = None) -> tuple[list[str], list[str]]:
                 continue
             rows.append(last)
             seed = run_dir.name.rsplit("seed", 1)[1]
-            lines.append(f"| {preset} | {seed} | {last['step']:,} | {last['eval/modes_covered']:.0f} "
-                         f"| {last['eval/high_quality_share']:.1%} | {last['eval/mode_kl_to_uniform']:.2f} "
-                         f"| {last['eval/modes_covered_20']:.0f} | {last['train_s'] / 60:.1f} min |")
+            lines.append(
+                f"| {preset} | {seed} | {last['step']:,} | {last['eval/modes_covered']:.0f} "
+                f"| {last['eval/high_quality_share']:.1%} | {last['eval/mode_kl_to_uniform']:.2f} "
+                f"| {last['eval/modes_covered_20']:.0f} | {last['train_s'] / 60:.1f} min |"
+            )
         if not rows:
             continue
-        stats = {key: mean_se([last[f"eval/{key}"] for last in rows])
-                 for key in ("modes_covered", "high_quality_share", "mode_kl_to_uniform", "modes_covered_20")}
+        stats = {
+            key: mean_se([last[f"eval/{key}"] for last in rows])
+            for key in ("modes_covered", "high_quality_share", "mode_kl_to_uniform", "modes_covered_20")
+        }
         modes, hq = stats["modes_covered"], stats["high_quality_share"]
-        lines.append(f"| {preset} | mean ± SE | | {fmt(*modes, 1)} | {fmt(100 * hq[0], 100 * hq[1], 1)} % "
-                     f"| {fmt(*stats['mode_kl_to_uniform'], 2)} | {fmt(*stats['modes_covered_20'], 1)} | |")
-        lines.append(f"| PacGAN, GAN | 10 runs | 400,000 | {reference['modes']} | {reference['hq']} | {reference['kl']} | | |")
+        lines.append(
+            f"| {preset} | mean ± SE | | {fmt(*modes, 1)} | {fmt(100 * hq[0], 100 * hq[1], 1)} % "
+            f"| {fmt(*stats['mode_kl_to_uniform'], 2)} | {fmt(*stats['modes_covered_20'], 1)} | |"
+        )
+        lines.append(
+            f"| PacGAN, GAN | 10 runs | 400,000 | {reference['modes']} | {reference['hq']} | {reference['kl']} | | |"
+        )
         holds = abs(modes[0] - reference["modes_mean"]) <= MODES_TOLERANCE and hq[0] >= MIN_HQ
-        verdicts.append(f"{preset}: modes {modes[0]:.1f} (PacGAN {reference['modes_mean']}), high quality {hq[0]:.1%}: "
-                        f"anchor {'holds' if holds else 'not reproduced'} (±{MODES_TOLERANCE:g} modes, ≥ {MIN_HQ:.0%})")
+        verdicts.append(
+            f"{preset}: modes {modes[0]:.1f} (PacGAN {reference['modes_mean']}), high quality {hq[0]:.1%}: "
+            f"anchor {'holds' if holds else 'not reproduced'} (±{MODES_TOLERANCE:g} modes, ≥ {MIN_HQ:.0%})"
+        )
     return lines, verdicts
 
 
 def figure(runs: Path, path: Path) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(PACGAN), figsize=(10, 6.5), squeeze=False, sharex="col")
+    fig = Figure(figsize=(10, 6.5))
+    axes = fig.subplots(2, len(PACGAN), squeeze=False, sharex="col")
     for col, (preset, reference) in enumerate(PACGAN.items()):
         for run_dir in seed_runs(runs / preset):
             curve = evaluations(run_dir)
@@ -102,12 +123,13 @@ def figure(runs: Path, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding pacgan_grid25/ and pacgan_ring8/")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="folder holding pacgan_grid25/ and pacgan_ring8/"
+    )
     parser.add_argument("--figure", type=Path, default=Path("docs/images/pacgan/curves.png"))
     parser.add_argument("--step", type=int, default=None, help="table the evaluation at this step (default: the last)")
     args = parser.parse_args()

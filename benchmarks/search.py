@@ -58,13 +58,19 @@ def digits_rematch(adaptive: bool) -> None:
     source = run.source
     source.data_features()  # embedded once per run, not per matching
     n = len(run.data.dataset)
-    what = f"{n} data points × {source.options.samples_factor} samples at 32×32×1, backend {search.resolve_backend('auto')}"
+    what = (
+        f"{n} data points × {source.options.samples_factor} samples at 32×32×1, backend "
+        f"{search.resolve_backend('auto')}"
+    )
     if not adaptive:
         print(f"digits re-match, {what}: {_best_of_3(source.match):.2f} s (best of 3; goal <= 3 s)")
         return
     source.match(0)  # the first matching: every data point, as plain IMLE
-    print(f"digits Adaptive IMLE re-match, {what}: every point due {_best_of_3(lambda: _rematch_everyone(source)):.2f} s, "
-          f"none due {_best_of_3(lambda: source.match(1)):.2f} s (best of 3 each)")
+    print(
+        f"digits Adaptive IMLE re-match, {what}: every point due {_best_of_3(lambda: _rematch_everyone(source)):.2f} "
+        "s, "
+        f"none due {_best_of_3(lambda: source.match(1)):.2f} s (best of 3 each)"
+    )
 
 
 def knn_speed() -> None:
@@ -93,8 +99,14 @@ def rss_probe(n: int, space: str, budget_gib: float, adaptive: bool = False) -> 
     torch.manual_seed(0)
     data = torch.empty(n, 3, 64, 64).uniform_(-1, 1)  # in place: no temporary copy inflating the peak
     generator = nn.Sequential(nn.Linear(100, 3 * 64 * 64), nn.Tanh(), nn.Unflatten(1, (3, 64, 64)))
-    context = TrainingContext(generator=generator, sample_latents=lambda m: torch.randn(m, 100), latent_shape=(100,),
-                              dataset=TensorImages(data), image_shape=(3, 64, 64), device=torch.device("cpu"))
+    context = TrainingContext(
+        generator=generator,
+        sample_latents=lambda m: torch.randn(m, 100),
+        latent_shape=(100,),
+        dataset=TensorImages(data),
+        image_shape=(3, 64, 64),
+        device=torch.device("cpu"),
+    )
     imle = IMLE(IMLEOptions(samples_factor=10, space=space, memory_budget=budget_gib, adaptive=adaptive), context)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     imle.match()
@@ -112,24 +124,43 @@ def memory(space: str, budget_gib: float, adaptive: bool) -> None:
         # arenas): the median of three runs per N keeps one outlier from tilting the fitted line.
         probes = []
         for _ in range(3):
-            out = subprocess.run([sys.executable, __file__, "--rss-probe", str(n), "--space", space, "--budget",
-                                  str(budget_gib), *(["--adaptive"] if adaptive else [])],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--rss-probe",
+                    str(n),
+                    "--space",
+                    space,
+                    "--budget",
+                    str(budget_gib),
+                    *(["--adaptive"] if adaptive else []),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             probes.append(json.loads(out.splitlines()[-1]))
         rows.append(sorted(probes, key=lambda probe: probe["peak_mib"])[1])
     kind = "Adaptive IMLE first matching + re-match of every point" if adaptive else "IMLE matching"
     print(f"\n{kind} at 64×64×3, pool = 10 × N, space = {space}, memory_budget = {budget_gib} GiB")
     print("| N | pool | data tensor | peak RSS | peak RSS − data |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']:,} | {10 * r['n']:,} | {r['data_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | {r['peak_mib'] - r['data_mib']:.0f} MiB |")
+        print(
+            f"| {r['n']:,} | {10 * r['n']:,} | {r['data_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | "
+            f"{r['peak_mib'] - r['data_mib']:.0f} MiB |"
+        )
     # least-squares line through (N, peak − data): what grows with N besides the data themselves
     n = torch.tensor([r["n"] for r in rows], dtype=torch.float64)
     y = torch.tensor([r["peak_mib"] - r["data_mib"] for r in rows], dtype=torch.float64)
     slope = ((n - n.mean()) * (y - y.mean())).sum() / (n - n.mean()).pow(2).sum()
     intercept = y.mean() - slope * n.mean()
     at = 200_000
-    print(f"fit: peak − data ≈ {intercept:.0f} MiB + {slope * 1024:.2f} KiB × N  →  at N = {at:,}: "
-          f"{(intercept + slope * at) / 1024:.2f} GiB besides the data ({at * 3 * 64 * 64 * 4 / 2**30:.1f} GiB in memory as float32)")
+    print(
+        f"fit: peak − data ≈ {intercept:.0f} MiB + {slope * 1024:.2f} KiB × N  →  at N = {at:,}: "
+        f"{(intercept + slope * at) / 1024:.2f} GiB besides the data ({at * 3 * 64 * 64 * 4 / 2**30:.1f} GiB in "
+        "memory as float32)"
+    )
 
 
 def main() -> None:

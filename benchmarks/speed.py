@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -27,8 +28,10 @@ from targetgen.api import Batch
 from targetgen.config import load_config
 from targetgen.training import build_run
 
-SHAPES = {"64x64x3": ["data.image_size=64", "data.channels=3", "model.ngf=64", "model.ndf=64"],
-          "32x32x1": ["data.image_size=32", "data.channels=1", "model.ngf=32", "model.ndf=32"]}
+SHAPES = {
+    "64x64x3": ["data.image_size=64", "data.channels=3", "model.ngf=64", "model.ndf=64"],
+    "32x32x1": ["data.image_size=32", "data.channels=1", "model.ngf=32", "model.ndf=32"],
+}
 
 
 def tutorial_loop(netG, netD, images, steps, batch_size, nz):
@@ -37,7 +40,7 @@ def tutorial_loop(netG, netD, images, steps, batch_size, nz):
     optimizerD = optim.Adam(netD.parameters(), lr=0.0002, betas=(0.5, 0.999))
     optimizerG = optim.Adam(netG.parameters(), lr=0.0002, betas=(0.5, 0.999))
     for i in range(steps):
-        real_cpu = images[(i * batch_size) % len(images):][:batch_size]
+        real_cpu = images[(i * batch_size) % len(images) :][:batch_size]
         netD.zero_grad()
         b_size = real_cpu.size(0)
         label = torch.full((b_size,), 1.0, dtype=torch.float)
@@ -62,7 +65,7 @@ def tutorial_loop(netG, netD, images, steps, batch_size, nz):
 
 def strategy_loop(strategy, images, steps, batch_size):
     for i in range(steps):
-        real = images[(i * batch_size) % len(images):][:batch_size]
+        real = images[(i * batch_size) % len(images) :][:batch_size]
         strategy.step(Batch(real, torch.arange(len(real))), i, log=False)
 
 
@@ -92,20 +95,22 @@ def main() -> None:
         std_run, images = make(shape, "standard")
         netG, netD = copy.deepcopy(std_run.generator), copy.deepcopy(std_run.strategy.netD)
         contenders = {
-            "tutorial loop": lambda: tutorial_loop(netG, netD, images, steps, 128, 100),
-            "standard (targetgen)": lambda: strategy_loop(std_run.strategy, images, steps, 128),
+            "tutorial loop": functools.partial(tutorial_loop, netG, netD, images, steps, 128, 100),
+            "standard (targetgen)": functools.partial(strategy_loop, std_run.strategy, images, steps, 128),
         }
         for n1 in (1, 2, 5):
             for n2 in (1, 2):
                 run, _ = make(shape, "inversion", f"targets.options.steps={n1}", f"regression.steps={n2}")
-                contenders[f"decomposed N1={n1} N2={n2}"] = (lambda s: lambda: strategy_loop(s, images, steps, 128))(run.strategy)
+                contenders[f"decomposed N1={n1} N2={n2}"] = functools.partial(
+                    strategy_loop, run.strategy, images, steps, 128
+                )
         for fn in contenders.values():  # warm-up
             fn()
         rates = {name: [] for name in contenders}
         for rep in range(reps):
             # Alternate the order so that position in the round (caches,
             # clock boost) favours no contender.
-            for name in (list(contenders) if rep % 2 == 0 else list(contenders)[::-1]):
+            for name in list(contenders) if rep % 2 == 0 else list(contenders)[::-1]:
                 rates[name].append(timed(contenders[name], images_per_call))
         median = {name: statistics.median(r) for name, r in rates.items()}
         base = median["standard (targetgen)"]
@@ -113,7 +118,10 @@ def main() -> None:
         print("| contender | images/s | ÷ standard |\n|---|---|---|")
         for name, rate in median.items():
             print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
-        print(f"framework overhead: standard (targetgen) ÷ tutorial loop = {base / median['tutorial loop']:.2f} (goal >= 1.0)")
+        print(
+            f"framework overhead: standard (targetgen) ÷ tutorial loop = {base / median['tutorial loop']:.2f} (goal "
+            ">= 1.0)"
+        )
         print(f"decomposed N1=N2=1 time ÷ standard time = {base / median['decomposed N1=1 N2=1']:.2f} (goal <= 1.0)")
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -33,27 +33,52 @@ def say(text: str) -> None:
     """One line of output, printed as text: paths and names with brackets stay as they are."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
+
 SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override one config value, e.g. --set targets.options.lambda1=0.25 (repeatable)."),
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override one config value, e.g. --set targets.options.lambda1=0.25 (repeatable)."
+    ),
 ]
 
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in digits defaults).")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in digits defaults).")
+    ] = None,
     set_: SetOption = None,
-    targets: Annotated[Optional[str], typer.Option(help="Target source: standard, inversion, imle, nearest, or any installed plugin (see `targetgen plugins`). Its options start from its defaults unless the config names the same source.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides epochs).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Train this many epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Run name: the run goes to <out-dir>/<name>.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Folder holding run directories (default runs/).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of the same name (the old run is deleted only once the new one has written its first checkpoint).")] = False,
-    allow_config_change: Annotated[bool, typer.Option(help="With --resume: continue although config.yaml (or --set) differs from the checkpoint's config; the changes are recorded in metrics.jsonl.")] = False,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="Target source: standard, inversion, imle, nearest, or any installed plugin (see `targetgen "
+            "plugins`). Its options start from its defaults unless the config names the same source."
+        ),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Train this many steps (overrides epochs).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Train this many epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name: the run goes to <out-dir>/<name>.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Folder holding run directories (default runs/).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this directory from its last checkpoint.")
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing run directory of the same name (the old run is deleted only once the new one "
+            "has written its first checkpoint)."
+        ),
+    ] = False,
+    allow_config_change: Annotated[
+        bool,
+        typer.Option(
+            help="With --resume: continue although config.yaml (or --set) differs from the checkpoint's config; the "
+            "changes are recorded in metrics.jsonl."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train a generator; writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
@@ -74,12 +99,16 @@ def train(
     # Everything that can be checked without torch is checked first; nothing is deleted here.
     if resume is not None:
         if config is not None or targets is not None or overwrite:
-            raise TargetgenError("--resume continues a run with its saved config; drop --config, --targets and --overwrite")
+            raise TargetgenError(
+                "--resume continues a run with its saved config; drop --config, --targets and --overwrite"
+            )
         run_dir = resumable_run_dir(resume)
         cfg = config_of_run(resume, overrides, allow_config_change)
     else:
         if allow_config_change:
-            raise TargetgenError("--allow-config-change: only with --resume (a new run has no checkpoint to differ from)")
+            raise TargetgenError(
+                "--allow-config-change: only with --resume (a new run has no checkpoint to differ from)"
+            )
         cfg = load_config(config, overrides, targets)
         run_dir = planned_run_dir(cfg.train.out_dir, cfg.train.name, overwrite)
 
@@ -90,18 +119,30 @@ def train(
     try:
         if resume is not None and processes.is_main:
             say(f"resuming {run_dir}")
-        run = run_training(cfg, run_dir, resume=resume is not None, overwrite=overwrite, progress=progress,
-                           processes=processes, allow_config_change=allow_config_change)
+        run = run_training(
+            cfg,
+            run_dir,
+            resume=resume is not None,
+            overwrite=overwrite,
+            progress=progress,
+            processes=processes,
+            allow_config_change=allow_config_change,
+        )
     except KeyboardInterrupt as err:
-        raise Interrupted(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}; {_checkpoint_kept(run_dir)}; "
-                          f"continue with: targetgen train --resume {run_dir}",
-                          exit_code=143 if isinstance(err, Terminated) else 130) from None
+        raise Interrupted(
+            f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}; {_checkpoint_kept(run_dir)}; "
+            f"continue with: targetgen train --resume {run_dir}",
+            exit_code=143 if isinstance(err, Terminated) else 130,
+        ) from None
     finally:
         leave(processes)
     if processes.is_main:
         where = f" on {processes.world_size} processes" if processes.distributed else ""
-        steps = (f"{run.total_steps} steps" if run.step == run.total_steps else
-                 f"{run.step} of {run.total_steps} steps (train.max_seconds: {cfg.train.max_seconds:g} s of training reached)")
+        steps = (
+            f"{run.total_steps} steps"
+            if run.step == run.total_steps
+            else f"{run.step} of {run.total_steps} steps (train.max_seconds: {cfg.train.max_seconds:g} s reached)"
+        )
         say(f"data: {run.data.description}; targets: {cfg.targets.name}; {steps}{where}")
         say(f"samples:    {run_dir / 'samples'}")
         say(f"metrics:    {run_dir / 'metrics.jsonl'}")
@@ -156,7 +197,9 @@ def sample(
     if out.is_dir() or out.suffix.lower() != ".png":
         raise TargetgenError(f"--out: expected a .png file for the grid, got {out}")
     if n > GRID_MAX:
-        raise TargetgenError(f"--n: a grid of {n:,} samples would be one PNG of {n:,} tiles; expected at most {GRID_MAX:,}")
+        raise TargetgenError(
+            f"--n: a grid of {n:,} samples would be one PNG of {n:,} tiles; expected at most {GRID_MAX:,}"
+        )
     check_writable(out, "the samples")
     trained = load_generator(run_dir)
     z = torch.randn(n, *trained.latent_shape, generator=torch.Generator().manual_seed(seed))
@@ -171,16 +214,46 @@ def _evaluation_options(base, metrics, features, n, seed, cache_dir, fid_weights
     """The run's evaluation section with the command line's choices on top, checked like a config."""
     from targetgen.config import EvaluationConfig, from_dict, to_dict
 
-    changes = {"metrics": metrics, "features": features, "n": n, "seed": seed,
-               "cache_dir": str(cache_dir) if cache_dir else None, "fid_weights": str(fid_weights) if fid_weights else None}
-    return from_dict(EvaluationConfig, {**to_dict(base), **{k: v for k, v in changes.items() if v is not None}}, "evaluation")
+    changes = {
+        "metrics": metrics,
+        "features": features,
+        "n": n,
+        "seed": seed,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        "fid_weights": str(fid_weights) if fid_weights else None,
+    }
+    return from_dict(
+        EvaluationConfig, {**to_dict(base), **{k: v for k, v in changes.items() if v is not None}}, "evaluation"
+    )
 
 
-MetricsOption = Annotated[Optional[str], typer.Option(help="Comma-separated: fid (and KID), pr (precision/recall/density/coverage), modes (toy2d), classes (digits, mnist). Default: all that apply.")]
-FeaturesOption = Annotated[Optional[str], typer.Option(help="Feature space: inception (FID), digits or mnist (offline digit classifiers), pixels. Default: digits for digits, mnist for mnist5k, pixels for toy2d, else inception.")]
-NOption = Annotated[Optional[int], typer.Option("--n", help="Generated and real samples (default 2048, the paper's protocol).")]
-CacheOption = Annotated[Optional[Path], typer.Option(help="Where real statistics are cached (default ~/.cache/targetgen).")]
-WeightsOption = Annotated[Optional[Path], typer.Option(help=f"pytorch-fid's {'pt_inception-2015-12-05-6726825d.pth'} (else $TARGETGEN_FID_WEIGHTS, else the torch hub cache).")]
+MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated: fid (and KID), pr (precision/recall/density/coverage), modes (toy2d), classes "
+        "(digits, mnist). Default: all that apply."
+    ),
+]
+FeaturesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Feature space: inception (FID), digits or mnist (offline digit classifiers), pixels. Default: digits "
+        "for digits, mnist for mnist5k, pixels for toy2d, else inception."
+    ),
+]
+NOption = Annotated[
+    int | None, typer.Option("--n", help="Generated and real samples (default 2048, the paper's protocol).")
+]
+CacheOption = Annotated[
+    Path | None, typer.Option(help="Where real statistics are cached (default ~/.cache/targetgen).")
+]
+WeightsOption = Annotated[
+    Path | None,
+    typer.Option(
+        help=f"pytorch-fid's {'pt_inception-2015-12-05-6726825d.pth'} (else $TARGETGEN_FID_WEIGHTS, else the torch "
+        "hub cache)."
+    ),
+]
 
 
 @app.command()
@@ -190,7 +263,7 @@ def evaluate(
     features: FeaturesOption = None,
     n: NOption = None,
     ema: Annotated[bool, typer.Option(help="Evaluate the EMA generator (runs trained with regression.ema).")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the latents and of the real subset.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the latents and of the real subset.")] = None,
     cache_dir: CacheOption = None,
     fid_weights: WeightsOption = None,
 ) -> None:
@@ -219,11 +292,13 @@ def evaluate(
 
 @app.command("fid-stats")
 def fid_stats(
-    source: Annotated[str, typer.Argument(help="A YAML config, an image folder, or a data name (digits, toy2d, mnist, ...).")],
+    source: Annotated[
+        str, typer.Argument(help="A YAML config, an image folder, or a data name (digits, toy2d, mnist, ...).")
+    ],
     set_: SetOption = None,
     features: FeaturesOption = None,
     n: NOption = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the real subset.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the real subset.")] = None,
     cache_dir: CacheOption = None,
     fid_weights: WeightsOption = None,
 ) -> None:
@@ -245,21 +320,57 @@ def fid_stats(
     data = load_data(config.data)
     extractor = load_features(options.features, resolve_device(config.train.device), options.fid_weights)
     real = real_features(data, config.data, extractor, options)
-    say(f"{data.description}: {len(real.features)} images in '{options.features}' space "
-                  f"({real.features.size(1)}-d), statistics cached")
+    say(
+        f"{data.description}: {len(real.features)} images in '{options.features}' space "
+        f"({real.features.size(1)}-d), statistics cached"
+    )
 
 
 @app.command()
 def compare(
-    out: Annotated[Path, typer.Option(help="Folder of the comparison: runs/, logs/, results.csv, report.md, curves.png, samples.png.")],
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; its `compare` section (targets, seeds, grid, control) is the default plan.")] = None,
-    targets: Annotated[Optional[str], typer.Option(help="Comma-separated target sources, e.g. standard,inversion,imle,nearest.")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="Seeds per configuration (train.seed, train.seed + 1, ...).")] = None,
-    grid: Annotated[Optional[list[str]], typer.Option(help="A grid axis, key=v1,v2,... (repeatable; axes combine as a product). Keys apply to the sources that have them.")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder of the comparison: runs/, logs/, results.csv, report.md, curves.png, samples.png."),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML config; its `compare` section (targets, seeds, grid, control) is the default plan.",
+        ),
+    ] = None,
+    targets: Annotated[
+        str | None, typer.Option(help="Comma-separated target sources, e.g. standard,inversion,imle,nearest.")
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="Seeds per configuration (train.seed, train.seed + 1, ...).")
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A grid axis, key=v1,v2,... (repeatable; axes combine as a product). Keys apply to the sources that "
+            "have them."
+        ),
+    ] = None,
     set_: SetOption = None,
-    jobs: Annotated[int, typer.Option(help="Runs trained in parallel processes (the CPU threads are shared among them).")] = 1,
-    devices: Annotated[Optional[str], typer.Option(help="GPUs to spread the jobs over, e.g. 0,1,2,3: each job sees one as its only GPU (default: $CUDA_VISIBLE_DEVICES, else all visible GPUs when there are several).")] = None,
-    control: Annotated[Optional[bool], typer.Option("--control/--no-control", help="Add 'standard, G lr = λ2' for every inversion λ2 that differs from standard's lr (default: on).")] = None,
+    jobs: Annotated[
+        int, typer.Option(help="Runs trained in parallel processes (the CPU threads are shared among them).")
+    ] = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="GPUs to spread the jobs over, e.g. 0,1,2,3: each job sees one as its only GPU (default: "
+            "$CUDA_VISIBLE_DEVICES, else all visible GPUs when there are several)."
+        ),
+    ] = None,
+    control: Annotated[
+        bool | None,
+        typer.Option(
+            "--control/--no-control",
+            help="Add 'standard, G lr = λ2' for every inversion λ2 that differs from standard's lr (default: on).",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train every target source × grid point × seed with equal budgets, then write the report.
@@ -277,16 +388,24 @@ def compare(
     with run_lock(out, "targetgen compare"):  # one comparison at a time in a folder
         write_plan(plan, shlex.join(["targetgen", *sys.argv[1:]]))
         labels = ", ".join(c.label for c in plan.configurations)
-        equal = (f"{plan.runs[0].config['train']['max_seconds']:g} s of training each" if plan.compare.budget == "seconds"
-                 else "equal steps")
-        say(f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs ({equal}): {labels}")
+        equal = (
+            f"{plan.runs[0].config['train']['max_seconds']:g} s of training each"
+            if plan.compare.budget == "seconds"
+            else "equal steps"
+        )
+        say(
+            f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs "
+            f"({equal}): {labels}"
+        )
         outcome = run_plan(plan, jobs, console, progress, job_devices(devices))
         paths = write_report(out)
     say("report: " + ", ".join(str(p) for p in paths))
     if outcome.failed:
         names = ", ".join(name for name, _ in outcome.failed)
-        raise TargetgenError(f"{len(outcome.failed)} runs failed ({names}); their logs are in {out / 'logs'}; "
-                             "fix the cause and run the same command again to retry them")
+        raise TargetgenError(
+            f"{len(outcome.failed)} runs failed ({names}); their logs are in {out / 'logs'}; "
+            "fix the cause and run the same command again to retry them"
+        )
 
 
 @app.command()
@@ -303,12 +422,21 @@ def report(
 def toy(
     dim: Annotated[int, typer.Option(help="Dimension d of data, latents and samples.")] = 2,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 1000,
-    regression: Annotated[str, typer.Option(help="closed-form (least squares B = X'ᵀZ̃(Z̃ᵀZ̃)⁻¹ on every batch) or gradient (the regression engine, SGD).")] = "closed-form",
-    lambda1: Annotated[float, typer.Option(help="λ1 of the inversion (δ1 is mean-reduced: each sample moves λ1 / batch size).")] = 100.0,
+    regression: Annotated[
+        str,
+        typer.Option(
+            help="closed-form (least squares B = X'ᵀZ̃(Z̃ᵀZ̃)⁻¹ on every batch) or gradient (the regression engine, SGD)."
+        ),
+    ] = "closed-form",
+    lambda1: Annotated[
+        float, typer.Option(help="λ1 of the inversion (δ1 is mean-reduced: each sample moves λ1 / batch size).")
+    ] = 100.0,
     lr: Annotated[float, typer.Option(help="λ2 of the gradient regression.")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of μ, Σ, the data and training.")] = 0,
-    out: Annotated[Path, typer.Option(help="Output folder: toy.json, errors.png, scatter.png (d = 2).")] = Path("runs/toy"),
+    out: Annotated[Path, typer.Option(help="Output folder: toy.json, errors.png, scatter.png (d = 2).")] = Path(
+        "runs/toy"
+    ),
 ) -> None:
     """The paper's toy GAN: linear generator vs logistic discriminator on N(μ, Σ).
 
@@ -328,15 +456,19 @@ def toy(
             raise TargetgenError(f"{option}: expected a finite number > 0, got {value!r}")
     result, generator, points = train_toy(dim, steps, regression, lambda1, lr, batch_size=batch_size, seed=seed)
     paths = write_toy_outputs(result, generator, points, out)
-    say(f"mean error {result.mean_error[0]:.4g} → {result.mean_error[-1]:.4g}; "
-                  f"covariance error {result.covariance_error[0]:.4g} → {result.covariance_error[-1]:.4g}")
+    say(
+        f"mean error {result.mean_error[0]:.4g} → {result.mean_error[-1]:.4g}; "
+        f"covariance error {result.covariance_error[0]:.4g} → {result.covariance_error[-1]:.4g}"
+    )
     say("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command()
 def probe(
     run_dir: Annotated[Path, typer.Argument(help="A decomposed run directory.")],
-    batch_size: Annotated[int, typer.Option(help="Samples in the probed batch (K has (batch × sample size)² entries, never formed).")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Samples in the probed batch (K has (batch × sample size)² entries, never formed).")
+    ] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the batch and the latents.")] = 0,
 ) -> None:
     """Measure the generator's inductive bias K_θ along the target source's requests (docs/theory.md)."""

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded
+from targetgen import Batch, Targets, TargetSource, TrainingContext, bounded
 from targetgen.distributed import Processes, all_sum, gather_nearest, unwrap
 from targetgen.models import sampling_copy
 from targetgen.search import RunningNearest
@@ -56,11 +56,15 @@ class IMLEOptions(SearchOptions):
     search_batch: int = bounded(1024, ge=1)
     # Adaptive IMLE (above): re-match only the data points whose sample came within their threshold τ_i
     adaptive: bool = False
-    change_coef: float = bounded(0.04, gt=0, lt=1)  # γ: a re-matched point's τ_i becomes (1 − γ) × its distance (authors: 0.04)
-    force_after: int | None = bounded(None, ge=1)  # adaptive: re-match a point anyway this many epochs after its last match
+    change_coef: float = bounded(
+        0.04, gt=0, lt=1
+    )  # γ: a re-matched point's τ_i becomes (1 − γ) × its distance (authors: 0.04)
+    force_after: int | None = bounded(
+        None, ge=1
+    )  # adaptive: re-match a point anyway this many epochs after its last match
 
 
-class IMLE(TargetGenerator):
+class IMLE(TargetSource):
     """Targets are the data points themselves; inputs are their matched latents."""
 
     name = "imle"
@@ -144,13 +148,15 @@ class IMLE(TargetGenerator):
             if matched_z is None:
                 matched_z = torch.zeros((len(queries), *z.shape[1:]), dtype=z.dtype)
             if j % ctx.world_size == ctx.rank:
-                with torch.inference_mode():
+                with torch.inference_mode(), ctx.generating():
                     passes = z.split(o.generation_batch)
-                    features = torch.cat([self.space(generator(part.to(ctx.device))) for part in passes])
+                    features = torch.cat([self.space(generator(part.to(ctx.device)).float()) for part in passes])
                 improved, position = nearest.update(features, offset=start)
                 matched_z[improved] = z[position.cpu()]
             start += len(z)
-        distance, _, matched_z = gather_nearest(nearest.distance, nearest.index, matched_z, Processes(ctx.rank, ctx.world_size))
+        distance, _, matched_z = gather_nearest(
+            nearest.distance, nearest.index, matched_z, Processes(ctx.rank, ctx.world_size)
+        )
         return distance, matched_z
 
     def current_distance(self) -> Tensor:
@@ -158,8 +164,9 @@ class IMLE(TargetGenerator):
         search space; distributed, averaged over the processes, so that all of them agree on who is due."""
         o, ctx = self.options, self.context
         generator = sampling_copy(unwrap(ctx.generator))
-        with torch.inference_mode():
-            features = torch.cat([self.space(generator(part)) for part in self.matched_z.split(o.generation_batch)])
+        with torch.inference_mode(), ctx.generating():
+            parts = self.matched_z.split(o.generation_batch)
+            features = torch.cat([self.space(generator(part).float()) for part in parts])
         distance = (features - self.data_features()).pow(2).sum(1)
         return all_sum(distance, ctx.world_size) / ctx.world_size
 
@@ -173,7 +180,11 @@ class IMLE(TargetGenerator):
         return Targets(z=z, x=batch.images.to(self.context.device), stats=stats)
 
     def state_dict(self) -> dict:
-        state = {"matched_z": self.matched_z, "matched_epoch": self.matched_epoch, "match_distance": self.match_distance}
+        state = {
+            "matched_z": self.matched_z,
+            "matched_epoch": self.matched_epoch,
+            "match_distance": self.match_distance,
+        }
         if self.options.adaptive:
             state.update(thresholds=self.thresholds, matched_at=self.matched_at, rematched_share=self.rematched_share)
         return state

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded, registry
+from targetgen import Batch, Targets, TargetSource, TrainingContext, bounded, registry
 from targetgen.api import require_finite
 from targetgen.distributed import unwrap
 from targetgen.errors import ConfigError
@@ -101,7 +101,7 @@ def _d_terms(kind: str, out_real: Tensor | None, out_fake: Tensor | None) -> Ten
     return -out.mean() if is_real else out.mean()  # wgan-gp, without its penalty
 
 
-class DiscriminatorInversion(TargetGenerator):
+class DiscriminatorInversion(TargetSource):
     """Targets are the discriminator's label "real" inverted into data space."""
 
     name = "inversion"
@@ -110,10 +110,15 @@ class DiscriminatorInversion(TargetGenerator):
     def __init__(self, options: InversionOptions, context: TrainingContext):
         super().__init__(options, context)
         if options.d_loss == "wgan-gp" and context.world_size > 1:
-            raise ConfigError("targets.options.d_loss: wgan-gp's gradient penalty needs double backward, which "
-                              "DistributedDataParallel does not support; use bce, lsgan or hinge distributed")
-        self.regularizers = [(registry.load("regularizers", n, f"targets.options.regularizers.{n}"), w)
-                             for n, w in options.regularizers.items() if w]
+            raise ConfigError(
+                "targets.options.d_loss: wgan-gp's gradient penalty needs double backward, which "
+                "DistributedDataParallel does not support; use bce, lsgan or hinge distributed"
+            )
+        self.regularizers = [
+            (registry.load("regularizers", n, f"targets.options.regularizers.{n}"), w)
+            for n, w in options.regularizers.items()
+            if w
+        ]
         # netD is what the discriminator step calls (inside DDP / autocast when configured);
         # inverse examples differentiate the plain network, in float32.
         self.netD = context.make_discriminator(sigmoid=options.d_loss == "bce").to(context.device)

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from targetgen import Batch, Generated, TargetGenerator, Targets, TrainingContext, bounded, registry
+from targetgen import Batch, Generated, Targets, TargetSource, TrainingContext, bounded, registry
 from targetgen.config import from_dict, to_dict
 from targetgen.errors import ConfigError
 
@@ -64,7 +64,7 @@ class MixOptions:
 @dataclass
 class Member:
     label: str
-    source: TargetGenerator
+    source: TargetSource
     weight: float
 
 
@@ -103,7 +103,7 @@ def _prefixed(label: str, stats: dict) -> dict:
     return {f"{label}/{key}": value for key, value in stats.items()}
 
 
-class Mix(TargetGenerator):
+class Mix(TargetSource):
     """Targets from several sources at once (split) or in turn (alternate)."""
 
     name = "mix"
@@ -113,8 +113,10 @@ class Mix(TargetGenerator):
         super().__init__(options, context)
         specs = options.sources
         if not specs:
-            raise ConfigError("targets.options.sources: expected at least one source, e.g. "
-                              "[{name: inversion, weight: 0.7}, {name: imle, weight: 0.3}]")
+            raise ConfigError(
+                "targets.options.sources: expected at least one source, e.g. "
+                "[{name: inversion, weight: 0.7}, {name: imle, weight: 0.3}]"
+            )
         total = sum(spec.weight for spec in specs)
         if total <= 0:
             raise ConfigError(f"targets.options.sources: the weights sum to {total:g}; expected a positive sum")
@@ -125,8 +127,10 @@ class Mix(TargetGenerator):
             if spec.name == self.name:
                 raise ConfigError(f"{where}.name: a mix cannot hold another mix; list its sources here instead")
             if spec.name == registry.STANDARD:
-                raise ConfigError(f"{where}.name: {spec.name!r} is the end-to-end GAN step, not a target source "
-                                  "(inversion gives a discriminator's targets)")
+                raise ConfigError(
+                    f"{where}.name: {spec.name!r} is the end-to-end GAN step, not a target source "
+                    "(inversion gives a discriminator's targets)"
+                )
             source_cls = registry.load("targets", spec.name, f"{where}.name")
             member_options = from_dict(source_cls.Options, spec.options, f"{where}.options")
             spec.options = to_dict(member_options)  # the run's resolved config shows every member option
@@ -196,15 +200,22 @@ class Mix(TargetGenerator):
         parts = [t for _, t in proposals]
         prediction = None
         if any(t.prediction is not None for t in parts):
-            prediction = torch.cat([t.prediction if t.prediction is not None else self.context.generator(t.z)
-                                    for t in parts])
+            prediction = torch.cat(
+                [t.prediction if t.prediction is not None else self.context.generator(t.z) for t in parts]
+            )
         weight = None
         if any(t.weight is not None for t in parts):
-            weight = torch.cat([t.weight if t.weight is not None else torch.ones(len(t.z), device=t.z.device)
-                                for t in parts])
+            weight = torch.cat(
+                [t.weight if t.weight is not None else torch.ones(len(t.z), device=t.z.device) for t in parts]
+            )
         stats = {k: v for member, t in proposals for k, v in _prefixed(member.label, t.stats).items()}
-        return Targets(z=torch.cat([t.z for t in parts]), x=torch.cat([t.x for t in parts]), weight=weight,
-                       stats=stats, prediction=prediction)
+        return Targets(
+            z=torch.cat([t.z for t in parts]),
+            x=torch.cat([t.x for t in parts]),
+            weight=weight,
+            stats=stats,
+            prediction=prediction,
+        )
 
     # -- hooks, diagnostics, checkpoints ----------------------------------------------------------
 
@@ -218,7 +229,11 @@ class Mix(TargetGenerator):
     def diagnostics(self, targets: Targets) -> dict[str, float]:
         if self._last is None or self._last[0] is not targets:
             return {}
-        return {k: v for member, own in self._last[1] for k, v in _prefixed(member.label, member.source.diagnostics(own)).items()}
+        return {
+            k: v
+            for member, own in self._last[1]
+            for k, v in _prefixed(member.label, member.source.diagnostics(own)).items()
+        }
 
     def state_dict(self) -> dict:
         return {m.label: m.source.state_dict() for m in self.members}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext, bounded
+from targetgen import Batch, Targets, TargetSource, TrainingContext, bounded
 from targetgen.errors import ConfigError
 from targetgen.search import NearestNeighbours
 from targetgen.spaces import SearchOptions, embed_dataset, search_space
@@ -29,7 +29,7 @@ class NearestOptions(SearchOptions):
     k: int = bounded(1, ge=1)  # target the mean of the k nearest real images
 
 
-class NearestTargets(TargetGenerator):
+class NearestTargets(TargetSource):
     name = "nearest"
     Options = NearestOptions
 
@@ -40,9 +40,7 @@ class NearestTargets(TargetGenerator):
             raise ConfigError(f"targets.options.k: expected 1 <= k <= {n} (the data set size), got {options.k}")
         self.space = search_space(options, context.image_shape, context.device)
         features = embed_dataset(context.dataset, self.space, context.device)
-        self.index = NearestNeighbours(
-            features, options.backend, options.budget_bytes(), max_queries=4096, k=options.k
-        )
+        self.index = NearestNeighbours(features, options.backend, options.budget_bytes(), max_queries=4096, k=options.k)
 
     def neighbours(self, indices: torch.Tensor) -> torch.Tensor:
         """Real images at ``indices`` (N×k), averaged over k."""

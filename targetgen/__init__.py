@@ -2,7 +2,9 @@
 
 The public API for target-source plugins::
 
-    from targetgen import TargetGenerator, Targets, Batch, Generated, TrainingContext, bounded
+    from targetgen import TargetSource, Targets, Batch, Generated, TrainingContext, bounded
+
+(``TargetGenerator``, the name before 0.2, is a deprecated alias of ``TargetSource``.)
 
 Imported lazily, so that ``targetgen --help`` and config validation do not
 wait for torch.
@@ -10,8 +12,8 @@ wait for torch.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-__all__ = ["Batch", "Generated", "TargetGenerator", "Targets", "TrainingContext", "bounded", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["Batch", "Generated", "TargetSource", "Targets", "TrainingContext", "bounded", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,7 +21,7 @@ def __getattr__(name: str):
         from .config import bounded
 
         return bounded
-    if name in ("Batch", "Generated", "TargetGenerator", "Targets", "TrainingContext"):
+    if name in ("Batch", "Generated", "TargetSource", "TargetGenerator", "Targets", "TrainingContext"):
         from . import api
 
         return getattr(api, name)

@@ -13,6 +13,7 @@ regression. Version 1 sources, which trained their discriminator inside
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class Batch:
 
     images: Tensor  # real images, N×C×H×W in [-1, 1] (N×2 points for toy2d)
     indices: Tensor  # their positions in the dataset (IMLE needs them)
-    generated: Generated | None = None  # set by the training loop; see TargetGenerator.generated
+    generated: Generated | None = None  # set by the training loop; see TargetSource.generated
 
 
 @dataclass
@@ -88,6 +89,12 @@ class TrainingContext:
     # Builds a fresh discriminator matched to the data and the configured width;
     # ``sigmoid=True`` ends it with the DCGAN tutorial's Sigmoid (for BCE).
     make_discriminator: Callable[..., nn.Module] | None = None
+    precision: str = "fp32"  # the run's resolved train.precision: fp32 or bf16
+
+    def generating(self):
+        """A context for a source's own generator passes without gradients (IMLE's pool): bf16 autocast in a
+        bf16 run, as the training step's passes. Outputs may come back in bf16: cast them before comparing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
 def require_finite(values: Tensor, what: str) -> Tensor:
@@ -101,7 +108,7 @@ def require_finite(values: Tensor, what: str) -> Tensor:
     return values
 
 
-class TargetGenerator(ABC):
+class TargetSource(ABC):
     """A source of regression targets. Subclass it and register it under the
     ``targetgen.targets`` entry-point group.
 
@@ -136,7 +143,7 @@ class TargetGenerator(ABC):
     @classmethod
     def trains_in_update(cls) -> bool:
         """Whether this source has an update phase of its own (``targets.d_steps`` > 1 needs one)."""
-        return cls.update is not TargetGenerator.update
+        return cls.update is not TargetSource.update
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first batch of every epoch (0-based)."""
@@ -152,3 +159,17 @@ class TargetGenerator(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+def __getattr__(name: str):
+    """``TargetGenerator``, the contract's name before 0.2, still works: it is ``TargetSource`` itself, so a
+    plugin subclassing it loads unchanged; using the old name warns."""
+    if name == "TargetGenerator":
+        warnings.warn(
+            "targetgen.TargetGenerator is now targetgen.TargetSource; the old name is deprecated and will "
+            "be removed in a later release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TargetSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,6 +29,7 @@ Layout of the output folder ``DIR``::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -36,8 +37,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +54,8 @@ from .config import SEED_MAX, Config, apply_override, bounded, from_dict, parse_
 from .errors import ConfigError, Interrupted, TargetgenError, Terminated
 from .files import atomic_write, write_json
 from .progress import progress_bar
-from .training.builder import STANDARD, options_class
+from .registry import STANDARD, options_class
+from .training.rundir import CHECKPOINT, METRICS, check_not_in_use, read_metrics
 
 CONTROL_SUFFIX = "(control)"
 MAX_SEEDS = 1000
@@ -162,25 +166,32 @@ def _axes(grid: dict[str, Any]) -> list[list[tuple[str, dict[str, Any]]]]:
     axes = []
     for axis, points in grid.items():
         if not isinstance(points, list) or not points:
-            raise ConfigError(f"compare.grid.{axis}: expected a non-empty list of values or of {{key: value}} points, got {points!r}")
+            raise ConfigError(
+                f"compare.grid.{axis}: expected a non-empty list of values or of {{key: value}} points, got {points!r}"
+            )
         parsed = []
         for point in points:
             if isinstance(point, dict) and all(isinstance(k, str) and "." in k for k in point if k != "label"):
                 settings = {k: v for k, v in point.items() if k != "label"}
                 if not settings:
                     raise ConfigError(f"compare.grid.{axis}: a point needs at least one section.key, got {point!r}")
-                label = str(point.get("label") or " ".join(f"{k.rsplit('.', 1)[-1]}={_format(v)}" for k, v in settings.items()))
+                label = str(
+                    point.get("label") or " ".join(f"{k.rsplit('.', 1)[-1]}={_format(v)}" for k, v in settings.items())
+                )
             elif "." in axis:
                 settings = {axis: point}
                 label = f"{axis.rsplit('.', 1)[-1]}={_format(point)}"
             else:
                 raise ConfigError(
-                    f"compare.grid.{axis}: a value axis must be named by its config key (e.g. targets.options.lambda1), "
+                    f"compare.grid.{axis}: a value axis must be named by its config key (e.g. "
+                    "targets.options.lambda1), "
                     f"or its points must be mappings of section.key: value; got {point!r}"
                 )
             if any(label == other for other, _ in parsed):
-                raise ConfigError(f"compare.grid.{axis}: two points are labelled {label!r}; every point of an axis needs a "
-                                  "label of its own (give the points distinct `label:` values)")
+                raise ConfigError(
+                    f"compare.grid.{axis}: two points are labelled {label!r}; every point of an axis needs a "
+                    "label of its own (give the points distinct `label:` values)"
+                )
             parsed.append((label, settings))
         axes.append(parsed)
     return axes
@@ -227,13 +238,17 @@ def _configurations(base: dict[str, Any], compare: CompareConfig, sources: list[
                 relevant.append(axis)
                 used[a] = [True] * len(axis)
         if math.prod(len(axis) for axis in relevant) > MAX_RUNS:
-            raise ConfigError(f"compare.grid: its axes give {math.prod(len(a) for a in relevant):,} configurations of "
-                              f"'{source}', more than {MAX_RUNS:,}; narrow the grid")
+            raise ConfigError(
+                f"compare.grid: its axes give {math.prod(len(a) for a in relevant):,} configurations of "
+                f"'{source}', more than {MAX_RUNS:,}; narrow the grid"
+            )
         for combination in itertools.product(*relevant):
             settings = {k: v for _, point in combination for k, v in point.items()}
             label = " ".join([source, *(text for text, _ in combination)])
             if label in found:
-                raise ConfigError(f"compare.grid: two configurations are labelled {label!r}; give their points distinct labels")
+                raise ConfigError(
+                    f"compare.grid: two configurations are labelled {label!r}; give their points distinct labels"
+                )
             found[label] = Configuration(label, source, settings)
     for a in range(len(axes)):
         if not any(used[a]):
@@ -264,7 +279,11 @@ def _controls(base: dict[str, Any], configurations: list[Configuration]) -> list
         if lr in baselines:
             continue
         label = f"standard G-lr={_format(lr)} {CONTROL_SUFFIX}"
-        settings = {"targets.options.g_lr": lr, "targets.options.d_lr": options.d_lr, "targets.options.betas": list(config.regression.betas)}
+        settings = {
+            "targets.options.g_lr": lr,
+            "targets.options.d_lr": options.d_lr,
+            "targets.options.betas": list(config.regression.betas),
+        }
         controls.setdefault(label, Configuration(label, STANDARD, settings, control=True))
     return list(controls.values())
 
@@ -320,11 +339,15 @@ def plan_comparison(
     for c in configurations:
         other = slugs.setdefault(_slug(c.label), c.label)
         if other != c.label:
-            raise ConfigError(f"compare.grid: configurations {other!r} and {c.label!r} would share a run directory; "
-                              "give their points distinct ASCII labels")
+            raise ConfigError(
+                f"compare.grid: configurations {other!r} and {c.label!r} would share a run directory; "
+                "give their points distinct ASCII labels"
+            )
     if len(configurations) * compare.seeds > MAX_RUNS:
-        raise ConfigError(f"compare: {len(configurations):,} configurations × {compare.seeds} seeds = "
-                          f"{len(configurations) * compare.seeds:,} runs, more than {MAX_RUNS:,}; narrow the grid or the seeds")
+        raise ConfigError(
+            f"compare: {len(configurations):,} configurations × {compare.seeds} seeds = "
+            f"{len(configurations) * compare.seeds:,} runs, more than {MAX_RUNS:,}; narrow the grid or the seeds"
+        )
     runs, lengths, limits = [], {}, set()
     for configuration in configurations:
         source_raw = _source_config(raw, configuration.source, configuration.settings)
@@ -332,8 +355,10 @@ def plan_comparison(
         _check_budget(compare.budget, config.train.max_seconds, configuration.label)
         limits.add(config.train.max_seconds)
         if config.train.seed + compare.seeds - 1 > SEED_MAX:
-            raise ConfigError(f"--seeds: {compare.seeds} seeds from train.seed {config.train.seed} go past the largest "
-                              f"seed, {SEED_MAX}; lower train.seed")
+            raise ConfigError(
+                f"--seeds: {compare.seeds} seeds from train.seed {config.train.seed} go past the largest "
+                f"seed, {SEED_MAX}; lower train.seed"
+            )
         for i in range(compare.seeds):
             seed = config.train.seed + i
             name = f"{_slug(configuration.label)}-seed{seed}"
@@ -345,18 +370,24 @@ def plan_comparison(
                 _set(run_raw, "evaluation.every", max(1, _total_steps(config, lengths) // 10))
             runs.append(PlannedRun(name, configuration, seed, run_raw))
     if len(limits) > 1:
-        raise ConfigError(f"train.max_seconds: the grid gives configurations different limits "
-                          f"({', '.join(f'{v:g}' for v in sorted(limits))}); compare.budget: seconds needs one for all")
+        raise ConfigError(
+            f"train.max_seconds: the grid gives configurations different limits "
+            f"({', '.join(f'{v:g}' for v in sorted(limits))}); compare.budget: seconds needs one for all"
+        )
     return Plan(out, compare, configurations, runs)
 
 
 def _check_budget(budget: str, max_seconds: float | None, label: str) -> None:
     if budget == "seconds" and max_seconds is None:
-        raise ConfigError("compare.budget: seconds needs train.max_seconds, the training seconds every run gets "
-                          "(e.g. --set train.max_seconds=120); train.steps or train.epochs then only caps the steps")
+        raise ConfigError(
+            "compare.budget: seconds needs train.max_seconds, the training seconds every run gets "
+            "(e.g. --set train.max_seconds=120); train.steps or train.epochs then only caps the steps"
+        )
     if budget == "steps" and max_seconds is not None:
-        raise ConfigError(f"train.max_seconds: {max_seconds:g} would stop {label!r} by time while compare.budget is "
-                          "steps; set compare.budget: seconds, or leave train.max_seconds unset")
+        raise ConfigError(
+            f"train.max_seconds: {max_seconds:g} would stop {label!r} by time while compare.budget is "
+            "steps; set compare.budget: seconds, or leave train.max_seconds unset"
+        )
 
 
 # ----------------------------------------------------------------------------- the plan on disk
@@ -390,8 +421,15 @@ def write_plan(plan: Plan, command: str) -> None:
     for run in plan.runs:
         atomic_write(configs / f"{run.name}.yaml", yaml.safe_dump(run.config, sort_keys=False), "planned config")
     entries = [
-        {"name": r.name, "label": r.configuration.label, "source": r.configuration.source, "seed": r.seed,
-         "control": r.configuration.control, "settings": r.configuration.settings, "budget": plan.compare.budget}
+        {
+            "name": r.name,
+            "label": r.configuration.label,
+            "source": r.configuration.source,
+            "seed": r.seed,
+            "control": r.configuration.control,
+            "settings": r.configuration.settings,
+            "budget": plan.compare.budget,
+        }
         for r in plan.runs
     ]
     write_json(plan.out / "plan.json", entries, "comparison plan")
@@ -406,8 +444,7 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    from .training.checkpoint import load_checkpoint
-    from .training.rundir import CHECKPOINT
+    from .training.checkpoint import load_checkpoint  # torch: only once runs are trained, never for planning
 
     path = run_dir / CHECKPOINT
     return load_checkpoint(path)["step"] if path.is_file() else None
@@ -426,8 +463,6 @@ def _command(plan: Plan, run: PlannedRun) -> tuple[list[str], int | None]:
 
 def final_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """The last evaluation (``eval/`` keys, prefix dropped) and the last log line of a run."""
-    from .training.rundir import METRICS, read_metrics
-
     lines = read_metrics(run_dir / METRICS)
     evaluations = [line for line in lines if any(k.startswith("eval/") for k in line)]
     metrics = {k[5:]: v for k, v in evaluations[-1].items() if k.startswith("eval/")} if evaluations else {}
@@ -438,10 +473,18 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
     run_dir = plan.run_dir(run)
     metrics, last = final_metrics(run_dir)
     summary = {
-        "name": run.name, "label": run.configuration.label, "source": run.configuration.source,
-        "control": run.configuration.control, "seed": run.seed, "settings": run.configuration.settings,
-        "steps": last.get("step"), "images_seen": last.get("images_seen"), "train_s": last.get("train_s"),
-        "max_seconds": run.config["train"].get("max_seconds"), "wall_s": wall_s, "resumed_from": resumed_from,
+        "name": run.name,
+        "label": run.configuration.label,
+        "source": run.configuration.source,
+        "control": run.configuration.control,
+        "seed": run.seed,
+        "settings": run.configuration.settings,
+        "steps": last.get("step"),
+        "images_seen": last.get("images_seen"),
+        "train_s": last.get("train_s"),
+        "max_seconds": run.config["train"].get("max_seconds"),
+        "wall_s": wall_s,
+        "resumed_from": resumed_from,
         "metrics": metrics,
     }
     write_json(run_dir / "summary.json", summary, "run summary", jsonsafe.dumps)
@@ -457,7 +500,10 @@ def summary_line(summary: dict[str, Any]) -> str:
     shown = [f"{k} {metrics[k]:.4g}" for k in (*fids, *HEADLINE) if metrics.get(k) is not None]
     resumed = f", resumed from step {summary['resumed_from']}" if summary["resumed_from"] is not None else ""
     train_s = summary["train_s"] or 0.0
-    return f"{summary['label']} seed {summary['seed']}: {', '.join(shown) or 'no metrics'} ({train_s:.0f} s training{resumed})"
+    return (
+        f"{summary['label']} seed {summary['seed']}: {', '.join(shown) or 'no metrics'} ({train_s:.0f} s "
+        f"training{resumed})"
+    )
 
 
 @dataclass
@@ -484,8 +530,11 @@ def job_threads(environ: dict[str, str], jobs: int, cores: int) -> int:
     user set OMP_NUM_THREADS or MKL_NUM_THREADS lower. One count goes into both variables: torch follows
     MKL_NUM_THREADS when it is set, so a user's OMP_NUM_THREADS=1 beside MKL_NUM_THREADS=2 trains on 2.
     Runs with train.threads unset use it (toy2d's MLPs use 1)."""
-    given = [int(environ[var]) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-             if environ.get(var, "").isdigit() and int(environ[var]) > 0]
+    given = [
+        int(environ[var])
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        if environ.get(var, "").isdigit() and int(environ[var]) > 0
+    ]
     return min([max(1, cores // jobs), *given])
 
 
@@ -507,59 +556,86 @@ def run_plan(plan: Plan, jobs: int, console, progress: bool = True, devices: lis
     bar = progress_bar("runs", extra="running", console=console, disable=not progress)
     running: dict[str, tuple[subprocess.Popen, PlannedRun, int | None, float, Any, str | None]] = {}
     task = bar.add_task("compare", total=len(plan.runs), completed=len(outcome.skipped), running="")
-    try:
-        with bar:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    run = pending.pop(0)
-                    _wait_until_free(plan.run_dir(run))
-                    command, resumed_from = _command(plan, run)
-                    log = (plan.out / "logs" / f"{run.name}.log").open("a")
-                    what = f"resuming from step {resumed_from}" if resumed_from is not None else "starting"
-                    job_env, where = env, ""
-                    if devices:
-                        busy = [r[5] for r in running.values()]
-                        device = min(devices, key=busy.count)  # the least used, first in order on ties
-                        job_env, where = {**env, "CUDA_VISIBLE_DEVICES": device}, f" on CUDA_VISIBLE_DEVICES={device}"
-                    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}{where}: {' '.join(command)}\n")
-                    log.flush()
-                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=job_env)
-                    running[run.name] = (process, run, resumed_from, time.perf_counter(), log,
-                                         job_env.get("CUDA_VISIBLE_DEVICES") if devices else None)
-                    bar.update(task, running=f"running: {', '.join(running)}")
-                time.sleep(0.2)
-                for name, (process, run, resumed_from, started, log, _) in list(running.items()):
-                    if process.poll() is None:
-                        continue
-                    log.close()
-                    del running[name]
-                    if process.returncode == 0:
-                        summary = _summarise(plan, run, resumed_from, time.perf_counter() - started)
-                        outcome.finished.append(summary)
-                        console.print(Text.assemble(("done", "green"), f" {summary_line(summary)}"), soft_wrap=True)
-                    else:
-                        tail = _last_line(plan.out / "logs" / f"{name}.log")
-                        outcome.failed.append((name, tail))
-                        console.print(Text.assemble(("failed", "red"), f" {name} (exit {process.returncode}): {tail}"),
-                                      soft_wrap=True)
-                    bar.update(task, advance=1, running=f"running: {', '.join(running)}" if running else "")
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: every child stops like a Ctrl-C'd training, checkpoint kept
-        for process, *_ in running.values():
-            process.terminate()
-        for process, *_ in running.values():
-            process.wait()
-        terminated = isinstance(err, Terminated)
-        raise Interrupted(f"comparison {'terminated' if terminated else 'interrupted'}; its running trainings stopped "
-                          f"with their checkpoints; run the same command again to resume it ({plan.out})",
-                          exit_code=143 if terminated else 130) from None
+    with _stop_requests() as stop:
+        try:
+            with bar:
+                while (pending or running) and not stop:
+                    while pending and len(running) < jobs and not stop:
+                        run = pending.pop(0)
+                        _wait_until_free(plan.run_dir(run))
+                        command, resumed_from = _command(plan, run)
+                        log = (plan.out / "logs" / f"{run.name}.log").open("a")
+                        what = f"resuming from step {resumed_from}" if resumed_from is not None else "starting"
+                        job_env, where = env, ""
+                        if devices:
+                            busy = [r[5] for r in running.values()]
+                            device = min(devices, key=busy.count)  # the least used, first in order on ties
+                            job_env, where = (
+                                {**env, "CUDA_VISIBLE_DEVICES": device},
+                                f" on CUDA_VISIBLE_DEVICES={device}",
+                            )
+                        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}{where}: {' '.join(command)}\n")
+                        log.flush()
+                        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=job_env)
+                        device = job_env.get("CUDA_VISIBLE_DEVICES") if devices else None
+                        running[run.name] = (process, run, resumed_from, time.perf_counter(), log, device)
+                        bar.update(task, running=f"running: {', '.join(running)}")
+                    time.sleep(0.2)
+                    for name, (process, run, resumed_from, started, log, _) in list(running.items()):
+                        if process.poll() is None:
+                            continue
+                        log.close()
+                        del running[name]
+                        if process.returncode == 0:
+                            summary = _summarise(plan, run, resumed_from, time.perf_counter() - started)
+                            outcome.finished.append(summary)
+                            console.print(Text.assemble(("done", "green"), f" {summary_line(summary)}"), soft_wrap=True)
+                        else:
+                            tail = _last_line(plan.out / "logs" / f"{name}.log")
+                            outcome.failed.append((name, tail))
+                            failed = Text.assemble(("failed", "red"), f" {name} (exit {process.returncode}): {tail}")
+                            console.print(failed, soft_wrap=True)
+                        bar.update(task, advance=1, running=f"running: {', '.join(running)}" if running else "")
+        except KeyboardInterrupt as err:  # raised by a handler that is not ours (another thread's, a host's)
+            stop.append(signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        if stop:  # Ctrl-C or SIGTERM: every child stops like a Ctrl-C'd training, its checkpoint kept
+            for process, *_ in running.values():
+                process.terminate()
+            for process, *_ in running.values():
+                process.wait()
+            terminated = stop[0] == signal.SIGTERM
+            raise Interrupted(
+                f"comparison {'terminated' if terminated else 'interrupted'}; its running trainings stopped "
+                f"with their checkpoints; run the same command again to resume it ({plan.out})",
+                exit_code=143 if terminated else 130,
+            )
     return outcome
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While compare runs its jobs, Ctrl-C and SIGTERM only record themselves (the list it yields): the job loop
+    sees them at its next poll and stops every job. A handler that raised could have its exception swallowed
+    in a finaliser (Python prints "Exception ignored" and carries on), leaving the comparison running.
+    An ignored signal (a background job's SIGINT) stays ignored."""
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda number, frame: stop.append(number))
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _wait_until_free(run_dir: Path, seconds: float = 30.0) -> None:
     """A training left by a killed compare gets SIGTERM with it and stops within moments: wait for its lock
     to go rather than fail the run (a run still locked after ``seconds`` is started and reports the holder)."""
-    from .training.rundir import check_not_in_use
-
     deadline = time.monotonic() + seconds
     while run_dir.is_dir():
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import types
 import typing
@@ -21,7 +22,6 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
-
 
 # ----------------------------------------------------------------------------- ranges
 
@@ -47,8 +47,10 @@ class Bounds:
 
     def holds(self, value: float) -> bool:
         return not (
-            (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
-            or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
         )
 
     def describe(self) -> str:
@@ -61,8 +63,15 @@ class Bounds:
         return ("<= " if high[-1] == "]" else "< ") + high[:-1]
 
 
-def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
-            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+def bounded(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A dataclass field whose value must lie in a range, e.g. ``lr: float = bounded(0.0002, gt=0)``.
 
     The one place where a config range is declared: loading a config (or a
@@ -134,9 +143,13 @@ class TrainConfig:
     log_every: int = bounded(10, ge=1)
     sample_every: int = bounded(200, ge=1)
     checkpoint_every: int = bounded(200, ge=1)
-    # GPU options (docs/scaling.md), off by default
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for G and D; inverse examples stay float32
-    channels_last: bool = False  # images in NHWC, the layout tensor cores (and oneDNN) prefer
+    # The numeric format of G's and D's passes (docs/performance.md). bf16: autocast, with inverse examples,
+    # regression targets, losses and metrics in float32; auto: bf16 where the hardware has bf16 matrix units
+    # (AMX on CPU, compute capability >= 8 on CUDA), else fp32. The resolved value is recorded.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Images in NHWC, the layout oneDNN and tensor cores prefer; auto: on for images (measured faster on CPU
+    # and wherever bf16 runs on tensor cores), off for toy2d's points. The resolved value is recorded.
+    channels_last: bool | Literal["auto"] = "auto"
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution algorithms (CUDA only)
     # torch's CPU threads. None: 1 for the toy2d MLPs (their steps are too small to split), else torch's
     # default ($OMP_NUM_THREADS, which `compare --jobs N` sets to cores / N, else the cores). The count a
@@ -156,6 +169,15 @@ class TargetsConfig:
     # Discriminator steps per generator step (n_critic; WGAN-GP is usually trained with 5): the source's
     # update phase (the standard GAN's D step) runs this often, each time on fresh latents and the step's batch.
     d_steps: int = bounded(1, ge=1)
+
+
+@dataclass
+class StandardOptions:
+    """``targets.options`` of the standard GAN (``targets.name: standard``): the DCGAN tutorial's optimisers."""
+
+    g_lr: float = bounded(0.0002, gt=0)  # the generator's learning rate η
+    d_lr: float = bounded(0.0002, gt=0)
+    betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)
 
 
 @dataclass
@@ -183,7 +205,8 @@ class RegressionConfig:
 class EvaluationConfig:
     every: int = bounded(0, ge=0)  # evaluate every N training steps into metrics.jsonl; 0: only on demand
     metrics: str = "auto"  # comma-separated: fid (with KID), pr, modes, classes; auto: all that apply
-    features: str = "auto"  # inception | digits | mnist | pixels | a plugin; auto: digits / mnist (mnist5k) / pixels (toy2d) / inception
+    # inception | digits | mnist | pixels | a plugin; auto: digits / mnist (mnist5k) / pixels (toy2d) / inception
+    features: str = "auto"
     # neighbours of the k-NN balls; None: precision/recall at k = 3 (Kynkäänniemi), density/coverage at k = 5 (Naeem)
     k: int | None = bounded(None, ge=1)
     n: int = bounded(2048, ge=4, le=EVALUATION_MAX_N)  # generated and real samples (the paper: 2048 vs 2048)
@@ -243,7 +266,9 @@ def _check_bounds(value: Any, bounds: Bounds, where: str) -> None:
     """Every number in ``value`` (itself, a tuple's elements, a mapping's values) within ``bounds``."""
     if value is None:
         return
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, tuple) else [(None, value)]
+    items = (
+        value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, tuple) else [(None, value)]
+    )
     for key, number in items:
         if not bounds.holds(number):
             at = where if key is None else f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
@@ -414,8 +439,34 @@ def parse_yaml(text: str, where: str) -> Any:
         loader.dispose()
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def presets() -> dict[str, Path]:
+    """The configs shipped with targetgen by name: training presets, and comparison templates (``compare/``)."""
+    root = importlib.resources.files("targetgen.configs")
+    found = {}
+    for folder in (root, root / "compare"):
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else ():
+            if entry.name.endswith(".yaml"):
+                found.setdefault(entry.name[: -len(".yaml")], Path(str(entry)))
+    return found
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped preset of that name (``mnist5k``, ``toy2d_compare``)."""
     path = Path(path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = presets()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    close = difflib.get_close_matches(str(path), list(shipped), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"config file not found: {path}, and no preset of that name{hint} (presets: {', '.join(shipped)})"
+    )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = find_config(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.stat().st_size > YAML_MAX_BYTES:
@@ -423,8 +474,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start} is {err.object[err.start]:#04x}); "
-                          "expected a YAML config") from None
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {err.start} is {err.object[err.start]:#04x}); expected a YAML config"
+        ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     raw = parse_yaml(text, str(path))
@@ -468,9 +520,13 @@ def load_config(
     """Load a config file (or the defaults), switch the target source to ``targets``
     if given (its options start from that source's defaults), then apply ``--set``
     overrides."""
+    path = find_config(path) if path is not None else None
     raw = read_yaml(path) if path is not None else {}
     if "compare" in raw:
-        raise ConfigError(f"{path} describes a comparison (it has a compare section); run it with targetgen compare --config {path} --out DIR")
+        raise ConfigError(
+            f"{path} describes a comparison (it has a compare section); run it with targetgen compare --config "
+            f"{path} --out DIR"
+        )
     if targets is not None:
         section = raw.get("targets") or {}
         if not isinstance(section, dict) or section.get("name", TargetsConfig.name) != targets:

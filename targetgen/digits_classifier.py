@@ -111,8 +111,10 @@ def main() -> None:
     model = train_classifier(recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
-    print(f"held-out accuracy {held_out_accuracy(model, recipe):.4f} ({recipe.held_out} {recipe.space} digits); "
-          f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")
+    print(
+        f"held-out accuracy {held_out_accuracy(model, recipe):.4f} ({recipe.held_out} {recipe.space} digits); "
+        f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -84,12 +84,16 @@ def check_batch(batch_size: int, drop_last: bool, processes: Processes) -> None:
     if not processes.distributed:
         return
     if batch_size % processes.world_size:
-        raise ConfigError(f"train.batch_size: {batch_size} does not split evenly over {processes.world_size} "
-                          "processes; use a multiple of the number of processes")
+        raise ConfigError(
+            f"train.batch_size: {batch_size} does not split evenly over {processes.world_size} "
+            "processes; use a multiple of the number of processes"
+        )
     if not drop_last:
-        raise ConfigError("train.drop_last: distributed runs need every global batch complete, so that each "
-                          "process gets an equal share; set train.drop_last=true or leave it unset (the last "
-                          "len(data) mod batch_size images of each epoch are then skipped)")
+        raise ConfigError(
+            "train.drop_last: distributed runs need every global batch complete, so that each "
+            "process gets an equal share; set train.drop_last=true or leave it unset (the last "
+            "len(data) mod batch_size images of each epoch are then skipped)"
+        )
 
 
 def local_share(batch: Tensor, processes: Processes) -> Tensor:
@@ -172,7 +176,9 @@ def _all_gather(tensor: Tensor, processes: Processes) -> Tensor:
     return torch.stack(parts).to(tensor.device)
 
 
-def gather_nearest(distance: Tensor, pool_index: Tensor, payload: Tensor, processes: Processes) -> tuple[Tensor, Tensor, Tensor]:
+def gather_nearest(
+    distance: Tensor, pool_index: Tensor, payload: Tensor, processes: Processes
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per query, the nearest candidate over all processes: the smallest distance,
     ties going to the lowest pool index, as a single process scanning the whole
     pool in order keeps the first of equal neighbours."""
@@ -185,4 +191,8 @@ def gather_nearest(distance: Tensor, pool_index: Tensor, payload: Tensor, proces
         d_best, i_best = distances[best, queries], indices[best, queries]
         better = (distances[r] < d_best) | ((distances[r] == d_best) & (indices[r] < i_best))
         best[better] = r
-    return distances[best, queries], indices[best, queries], payloads[best.to(payloads.device), queries.to(payloads.device)]
+    return (
+        distances[best, queries],
+        indices[best, queries],
+        payloads[best.to(payloads.device), queries.to(payloads.device)],
+    )

@@ -25,9 +25,20 @@ from . import registry
 from .config import Config, DataConfig, EvaluationConfig
 from .data import ImageFiles, IndexedDataset, TensorImages, TrainingData, iterate_batches, mixture_means, mixture_std
 from .errors import ConfigError
+from .features import find_fid_weights
 from .files import atomic_write
-from .metrics import DENSITY_COVERAGE_K, MODE_SAMPLES, PRECISION_RECALL_K, Statistics, class_metrics, feature_statistics
-from .metrics import frechet_distance, kernel_inception_distance, mode_metrics, precision_recall_density_coverage
+from .metrics import (
+    DENSITY_COVERAGE_K,
+    MODE_SAMPLES,
+    PRECISION_RECALL_K,
+    Statistics,
+    class_metrics,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    mode_metrics,
+    precision_recall_density_coverage,
+)
 from .samples import generate
 
 METRICS = ("fid", "pr", "modes", "classes")
@@ -54,22 +65,32 @@ def can_classify(features: str) -> bool:
 
 def resolve_metrics(evaluation: EvaluationConfig, data: DataConfig, features: str) -> list[str]:
     if evaluation.metrics == "auto":
-        chosen = ["fid", "pr"] + (["modes"] if data.name == "toy2d" else []) + (["classes"] if can_classify(features) else [])
+        chosen = (
+            ["fid", "pr"]
+            + (["modes"] if data.name == "toy2d" else [])
+            + (["classes"] if can_classify(features) else [])
+        )
     else:
         chosen = [m.strip() for m in evaluation.metrics.split(",") if m.strip()]
     for metric in chosen:
         if metric not in METRICS:
             raise ConfigError(f"evaluation.metrics: unknown metric {metric!r}; expected some of {', '.join(METRICS)}")
     if "modes" in chosen and data.name != "toy2d":
-        raise ConfigError("evaluation.metrics: 'modes' counts the modes of a toy2d mixture; these data are " + data.name)
+        raise ConfigError(
+            "evaluation.metrics: 'modes' counts the modes of a toy2d mixture; these data are " + data.name
+        )
     if "classes" in chosen and not can_classify(features):
-        raise ConfigError(f"evaluation.metrics: 'classes' needs a feature space that classifies (digits, mnist), "
-                          f"got features {features!r}")
+        raise ConfigError(
+            f"evaluation.metrics: 'classes' needs a feature space that classifies (digits, mnist), "
+            f"got features {features!r}"
+        )
     if "pr" in chosen:
         needed = evaluation.k or max(PRECISION_RECALL_K, DENSITY_COVERAGE_K)
         if evaluation.n <= needed:
-            raise ConfigError(f"evaluation.n: precision/recall/density/coverage with k = {needed} need more than "
-                              f"{needed} samples, got {evaluation.n}")
+            raise ConfigError(
+                f"evaluation.n: precision/recall/density/coverage with k = {needed} need more than "
+                f"{needed} samples, got {evaluation.n}"
+            )
     return chosen
 
 
@@ -136,24 +157,32 @@ def real_features(data: TrainingData, config: DataConfig, extractor, evaluation:
                 if recorded == key:
                     features = torch.from_numpy(stored["features"])
                     return RealFeatures(features, Statistics(stored["mu"], stored["sigma"], len(features)))
-            warnings.warn(f"cached real statistics {path} were made for {recorded}, not {key}: recomputing", stacklevel=2)
+            warnings.warn(
+                f"cached real statistics {path} were made for {recorded}, not {key}: recomputing", stacklevel=2
+            )
         except (OSError, ValueError, KeyError) as err:
             warnings.warn(f"cached real statistics {path} are unreadable ({err}): recomputing", stacklevel=2)
     features = extractor(real_subset(data, evaluation.n, evaluation.seed)).float()
     stats = feature_statistics(features)
     # written whole, then renamed (per process: parallel runs of a comparison may fill the same cache)
-    atomic_write(path, lambda handle: np.savez(handle, key=json.dumps(key), features=features.numpy(), mu=stats.mu,
-                                               sigma=stats.sigma), "cached real statistics")
+    atomic_write(
+        path,
+        lambda handle: np.savez(handle, key=json.dumps(key), features=features.numpy(), mu=stats.mu, sigma=stats.sigma),
+        "cached real statistics",
+    )
     return RealFeatures(features, stats)
 
 
 # ----------------------------------------------------------------------------- generated data
 
 
-def generated_samples(generator: nn.Module, latent_shape: tuple[int, ...], n: int, seed: int, device) -> Tensor:
-    """``n`` samples from latents of their own seed: evaluation draws nothing from the training RNG."""
+def generated_samples(
+    generator: nn.Module, latent_shape: tuple[int, ...], n: int, seed: int, device, bf16: bool = False
+) -> Tensor:
+    """``n`` samples from latents of their own seed: evaluation draws nothing from the training RNG. Generated
+    as the run trains (bf16 autocast in a bf16 run); the metrics are computed in float32 or more."""
     latents = torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed + 7919))
-    return generate(generator, latents.to(device), chunk=256).cpu()
+    return generate(generator, latents.to(device), chunk=256, bf16=bf16).cpu()
 
 
 def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False) -> dict[str, float]:
@@ -169,10 +198,15 @@ def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False)
         generator = run.strategy.sampling_generator()
         if generator is run.generator:
             raise ConfigError("--ema: this run keeps no EMA generator (set regression.ema when training)")
-    samples = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), evaluation.n, evaluation.seed, run.device)
+    bf16 = run.config.train.precision == "bf16"
+    samples = generated_samples(
+        generator, tuple(run.fixed_noise.shape[1:]), evaluation.n, evaluation.seed, run.device, bf16
+    )
     results: dict[str, float] = {"n": float(evaluation.n)}
     if "modes" in chosen:  # VEEGAN's and PacGAN's protocol: 2,500 samples of their own, whatever n is
-        drawn = generated_samples(generator, tuple(run.fixed_noise.shape[1:]), MODE_SAMPLES, evaluation.seed, run.device)
+        drawn = generated_samples(
+            generator, tuple(run.fixed_noise.shape[1:]), MODE_SAMPLES, evaluation.seed, run.device
+        )
         results.update(mode_metrics(drawn, mixture_means(config.data), mixture_std(config.data)))
     if "fid" in chosen or "pr" in chosen or "classes" in chosen:
         extractor = load_features(features_name, run.device, evaluation.fid_weights)
@@ -212,8 +246,6 @@ def metric_names(evaluation: EvaluationConfig, data: DataConfig) -> list[str]:
 def check_evaluation(evaluation: EvaluationConfig, data: DataConfig, best_metric: str | None = None) -> None:
     """Fail at once, before anything is built or trained, on bad metrics, a ``train.best_metric`` that
     evaluation will not report, or missing FID weights."""
-    from .features import find_fid_weights
-
     features = resolve_features(evaluation, data)
     resolve_metrics(evaluation, data, features)
     if best_metric is not None:
@@ -223,7 +255,9 @@ def check_evaluation(evaluation: EvaluationConfig, data: DataConfig, best_metric
 
             close = difflib.get_close_matches(best_metric, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"train.best_metric: {best_metric!r} is not among the evaluated metrics{hint} "
-                              f"(expected one of {', '.join(names)})")
+            raise ConfigError(
+                f"train.best_metric: {best_metric!r} is not among the evaluated metrics{hint} "
+                f"(expected one of {', '.join(names)})"
+            )
     if features == "inception":
         find_fid_weights(evaluation.fid_weights)

@@ -54,10 +54,18 @@ class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16×16
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8×8
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4×4
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 16×16
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8×8
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4×4
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 64),
+            nn.ReLU(),
         )
         self.head = nn.Linear(64, 10)
 
@@ -88,8 +96,10 @@ class DigitClassifierFeatures:
     def __init__(self, device: torch.device | str = "cpu", weights: Path | None = None):
         weights = weights or self.default_weights
         if not weights.exists():
-            raise DataError(f"{self.name} classifier weights missing: {weights} "
-                            f"(recreate with python -m targetgen.digits_classifier {self.name})")
+            raise DataError(
+                f"{self.name} classifier weights missing: {weights} "
+                f"(recreate with python -m targetgen.digits_classifier {self.name})"
+            )
         self.device = torch.device(device)
         self.model = DigitsCNN()
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -130,10 +140,15 @@ def find_fid_weights(path: str | Path | None = None) -> Path:
     given = path or os.environ.get(FID_WEIGHTS_ENV)
     candidate = Path(given).expanduser() if given else hub
     if not candidate.is_file():
-        origin = f"--fid-weights / ${FID_WEIGHTS_ENV} points to {candidate}, which is missing" if given else f"{candidate} is missing"
+        origin = (
+            f"--fid-weights / ${FID_WEIGHTS_ENV} points to {candidate}, which is missing"
+            if given
+            else f"{candidate} is missing"
+        )
         raise DataError(
             f"FID needs pytorch-fid's Inception weights {FID_WEIGHTS_FILE}: {origin}. Download it on a "
-            f"machine with a network from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE} "
+            "machine with a network from "
+            f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE} "
             f"and put it at {hub}, or pass its path with --fid-weights or ${FID_WEIGHTS_ENV}"
         )
     return candidate

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pytorch_fid.fid_score import calculate_frechet_distance
 from torch import Tensor
 
 
@@ -42,11 +45,6 @@ def feature_statistics(features: Tensor) -> Statistics:
 def frechet_distance(a: Statistics, b: Statistics) -> float:
     """pytorch-fid's Fréchet distance; what it prints or warns about a singular covariance product
     becomes one warning that says what it means for the number."""
-    import contextlib
-    import io
-
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
     printed = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
@@ -60,7 +58,9 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
         warnings.warn(
             "FID: the product of the two feature covariances is singular (some features never vary, or there are "
             f"fewer samples than dimensions), so its matrix square root is approximate: the FID ({value:.4g}) is less "
-            "reliable and compares only with FIDs computed on the same samples", stacklevel=2)
+            "reliable and compares only with FIDs computed on the same samples",
+            stacklevel=2,
+        )
     return value
 
 
@@ -71,8 +71,9 @@ KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
 
-def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = KID_SUBSETS,
-                              subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    real: Tensor, fake: Tensor, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
+) -> tuple[float, float]:
     """KID: the unbiased estimate of MMD² with k(x, y) = (xᵀy/d + 1)³, averaged over ``subsets``
     random subsets of min(``subset_size``, n) real and as many generated vectors; returns
     (mean, standard deviation over subsets), as Bińkowski et al.'s and torch-fidelity's code.
@@ -150,8 +151,10 @@ def precision_recall_density_coverage(real: Tensor, fake: Tensor, k: int | None 
     real, fake = real.reshape(len(real), -1), fake.reshape(len(fake), -1)
     needed = max(k_pr, k_dc)
     if min(len(real), len(fake)) <= needed:
-        raise ValueError(f"precision/recall/density/coverage with k = {needed} need more than {needed} real "
-                         f"and generated samples, got {len(real)} and {len(fake)}")
+        raise ValueError(
+            f"precision/recall/density/coverage with k = {needed} need more than {needed} real "
+            f"and generated samples, got {len(real)} and {len(fake)}"
+        )
     real_radii = kth_neighbour_radii(real, (k_pr, k_dc))
     fake_radii = kth_neighbour_radii(fake, (k_pr,))[k_pr]
     in_real_pr = torch.zeros(len(fake), dtype=torch.long)  # per generated sample: real balls (k_pr) containing it

@@ -169,14 +169,21 @@ class MLPDiscriminator(nn.Module):
 
 def generator_spec(model: ModelConfig) -> MLPSpec:
     """The toy2d generator's shape from the ``model`` section."""
-    return MLPSpec(model.g_depth, model.g_width or model.hidden, model.g_activation, model.g_batchnorm,
-                   init_std=model.init_std)
+    return MLPSpec(
+        model.g_depth, model.g_width or model.hidden, model.g_activation, model.g_batchnorm, init_std=model.init_std
+    )
 
 
 def discriminator_spec(model: ModelConfig) -> MLPSpec:
     """The toy2d discriminator's shape from the ``model`` section."""
-    return MLPSpec(model.d_depth, model.d_width or model.hidden, model.d_activation, model.d_batchnorm,
-                   model.d_maxout, model.init_std)
+    return MLPSpec(
+        model.d_depth,
+        model.d_width or model.hidden,
+        model.d_activation,
+        model.d_batchnorm,
+        model.d_maxout,
+        model.init_std,
+    )
 
 
 def weights_init(m: nn.Module) -> None:
@@ -210,7 +217,11 @@ def _dcgan_size(image_shape: tuple[int, ...], model: ModelConfig) -> tuple[int, 
     channels, size = image_shape[0], image_shape[1]
     n = _blocks(size)
     g_widths = [model.ngf * 2**i for i in range(n - 1, -1, -1)]  # 4×4 … size/2, then the image
-    params = model.nz * g_widths[0] * 16 + sum(a * b * 16 for a, b in zip(g_widths, g_widths[1:])) + g_widths[-1] * channels * 16
+    params = (
+        model.nz * g_widths[0] * 16
+        + sum(a * b * 16 for a, b in zip(g_widths, g_widths[1:]))
+        + g_widths[-1] * channels * 16
+    )
     d_widths = [model.ndf * 2**i for i in range(n)]
     params += channels * d_widths[0] * 16 + sum(a * b * 16 for a, b in zip(d_widths, d_widths[1:])) + d_widths[-1] * 16
     params += 2 * (sum(g_widths) + sum(d_widths))  # batch norms

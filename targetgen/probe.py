@@ -26,6 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp
 
+from .api import Batch
+from .data import iterate_batches
+from .errors import ConfigError
+
 
 def _as_function(generator: nn.Module, z: Tensor) -> tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor]]:
     """G(z) as a function of the trainable parameters alone (flattened output)."""
@@ -105,10 +109,6 @@ def probe_run(run, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
     cos(r, K r), whose square is the largest reach any SGD step can have, and
     that step; and the reach of one SGD regression step of size λ2.
     """
-    from .api import Batch
-    from .data import iterate_batches
-    from .errors import ConfigError
-
     source = run.source
     if source is None:
         raise ConfigError("probe: a standard run has no target source; probe a decomposed run (inversion, imle, ...)")

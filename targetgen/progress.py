@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def progress_bar(unit: str = "", extra: str | None = None, console: Console | None = None,
-                 disable: bool = False) -> Progress:
+def progress_bar(
+    unit: str = "", extra: str | None = None, console: Console | None = None, disable: bool = False
+) -> Progress:
     """``description  ━━━━  done/total unit  elapsed  eta remaining  {extra field}``."""
     columns = [TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn()]
     if unit:

@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
+from .config import StandardOptions
 from .errors import PluginError
 
 GROUPS = {
@@ -57,10 +58,10 @@ def names(kind: str) -> list[str]:
 
 def _check(kind: str, name: str, obj: object) -> None:
     if kind == "targets":
-        from .api import TargetGenerator
+        from .api import TargetSource
 
-        if not (isinstance(obj, type) and issubclass(obj, TargetGenerator)):
-            raise TypeError(f"{obj!r} is not a subclass of targetgen.TargetGenerator")
+        if not (isinstance(obj, type) and issubclass(obj, TargetSource)):
+            raise TypeError(f"{obj!r} is not a subclass of targetgen.TargetSource")
         if not hasattr(obj, "Options"):
             raise TypeError(f"{obj.__name__} has no Options dataclass")
     elif not callable(obj):
@@ -116,3 +117,11 @@ def survey() -> list[PluginRow]:
             for ep in eps:
                 rows.append(PluginRow(group, name, *_name_version(ep), status))
     return rows
+
+
+def options_class(source: str) -> type:
+    """The dataclass of ``targets.options`` for a source, or for the standard GAN (``config.StandardOptions``).
+    Loads the source's plugin, nothing else."""
+    if source == STANDARD:
+        return StandardOptions
+    return load("targets", source, "targets.name").Options

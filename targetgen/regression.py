@@ -30,11 +30,15 @@ def _check(config: RegressionConfig) -> None:
     if not config.loss:
         raise ConfigError("regression.loss: give at least one loss, e.g. {l2: 1.0}")
     if config.replay is not None and config.steps == 1 and config.until_reach is None:
-        raise ConfigError(f"regression.replay: {config.replay} does nothing with one regression step per training step "
-                          "(replay serves the steps after the first); set regression.steps > 1 or regression.until_reach")
+        raise ConfigError(
+            f"regression.replay: {config.replay} does nothing with one regression step per training step "
+            "(replay serves the steps after the first); set regression.steps > 1 or regression.until_reach"
+        )
     if config.until_reach is not None and config.max_steps < config.steps:
-        raise ConfigError(f"regression.max_steps: {config.max_steps} is below regression.steps ({config.steps}); "
-                          "until_reach takes the N2 steps first, so expected at least regression.steps")
+        raise ConfigError(
+            f"regression.max_steps: {config.max_steps} is below regression.steps ({config.steps}); "
+            "until_reach takes the N2 steps first, so expected at least regression.steps"
+        )
 
 
 class ReplayPool:
@@ -65,7 +69,9 @@ class RegressionEngine:
         # DDP averages gradients over processes; a summed loss must add them up instead
         self.sum_scale = float(world_size)
         self.world_size = world_size
-        self.losses = [(registry.load("losses", name, f"regression.loss.{name}"), weight) for name, weight in config.loss.items()]
+        self.losses = [
+            (registry.load("losses", name, f"regression.loss.{name}"), weight) for name, weight in config.loss.items()
+        ]
         params = generator.parameters()
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=config.lr / config.steps, betas=config.betas)
@@ -152,8 +158,10 @@ class RegressionEngine:
             self.ema.load_state_dict(state["ema"])
         if self.replay is not None:
             device = next(self.generator.parameters()).device  # checkpoints load onto the CPU
-            self.replay.batches = [{k: None if v is None else v.to(device) for k, v in batch.items()}
-                                   for batch in state.get("replay") or []]
+            self.replay.batches = [
+                {k: None if v is None else v.to(device) for k, v in batch.items()}
+                for batch in state.get("replay") or []
+            ]
 
 
 @torch.no_grad()
@@ -163,7 +171,9 @@ def target_reach(generator: nn.Module, z: Tensor, before: Tensor, target: Tensor
     < 0: moved away). The paper's inductive-bias term K_θ, measured.
     Distributed, over the whole global batch (every process gets the same value)."""
     after = forward_preserving_buffers(generator, z)
-    requested, missed = all_sum(torch.stack([(before - target).pow(2).sum(), (after - target).pow(2).sum()]), world_size)
+    requested, missed = all_sum(
+        torch.stack([(before - target).pow(2).sum(), (after - target).pow(2).sum()]), world_size
+    )
     if requested == 0:
         return 1.0
     return (1.0 - missed / requested).item()

@@ -16,13 +16,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RunDirectoryError
-from .registry import STANDARD
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.image import imread
 
-# Metrics where smaller is better; every other reported metric is better larger.
-LOWER_IS_BETTER = ("fid", "kid", "kl_to_uniform")
-ORDER = ("fid", "fid_digits", "fid_pixels", "fid_inception", "precision", "recall", "density", "coverage",
-         "modes_covered", "high_quality_share", "mode_kl_to_uniform", "classes_covered", "class_kl_to_uniform")
+from .errors import RunDirectoryError
+from .metric_names import lower_is_better
+from .registry import STANDARD
+from .training.rundir import METRICS, read_metrics
+
+ORDER = (
+    "fid",
+    "fid_digits",
+    "fid_pixels",
+    "fid_inception",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "modes_covered",
+    "high_quality_share",
+    "mode_kl_to_uniform",
+    "classes_covered",
+    "class_kl_to_uniform",
+)
 # What the overview table and the curves show first, after the FID.
 PREFERRED = ("modes_covered", "high_quality_share", "classes_covered", "precision", "recall", "density", "coverage")
 # Bookkeeping keys, not results.
@@ -37,10 +54,6 @@ class Group:
     source: str
     control: bool
     summaries: list[dict[str, Any]]
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(part in metric for part in LOWER_IS_BETTER)
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -85,12 +98,23 @@ def write_results_csv(groups: list[Group], path: Path) -> None:
     rows = []
     for group in groups:
         for s in group.summaries:
-            settings = {f"set:{k}": json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in s["settings"].items()}
-            rows.append({
-                "run": s["name"], "configuration": s["label"], "source": s["source"], "control": s["control"],
-                "seed": s["seed"], "steps": s["steps"], "images_seen": s["images_seen"], "train_s": s["train_s"],
-                **settings, **s["metrics"],
-            })
+            settings = {
+                f"set:{k}": json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in s["settings"].items()
+            }
+            rows.append(
+                {
+                    "run": s["name"],
+                    "configuration": s["label"],
+                    "source": s["source"],
+                    "control": s["control"],
+                    "seed": s["seed"],
+                    "steps": s["steps"],
+                    "images_seen": s["images_seen"],
+                    "train_s": s["train_s"],
+                    **settings,
+                    **s["metrics"],
+                }
+            )
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
@@ -118,7 +142,9 @@ class Stat:
 
 def overview_metrics(metrics: list[str]) -> list[str]:
     """The FID and the KID first, then PREFERRED, for the overview table and the curves."""
-    first = [m for m in metrics if m.startswith("fid")][:1] + [m for m in metrics if m.startswith("kid") and not m.endswith("_std")][:1]
+    first = [m for m in metrics if m.startswith("fid")][:1] + [
+        m for m in metrics if m.startswith("kid") and not m.endswith("_std")
+    ][:1]
     return first + [m for m in PREFERRED if m in metrics]
 
 
@@ -165,11 +191,16 @@ def headline(groups: list[Group], metric: str) -> str | None:
         return sentence
     tuned = next(label for label, st in standard.items() if st.mean == best_mean(standard, metric))
     if best != tuned:
-        return (f"{sentence}; vs best-tuned standard **{tuned}** {_cell(standard[tuned].mean, standard[tuned].se)}: "
-                f"{_versus(stats[best], standard[tuned], metric)}")
+        return (
+            f"{sentence}; vs best-tuned standard **{tuned}** {_cell(standard[tuned].mean, standard[tuned].se)}: "
+            f"{_versus(stats[best], standard[tuned], metric)}"
+        )
     rival = next(label for label, st in others.items() if st.mean == best_mean(others, metric))
-    return (f"{sentence}, a standard configuration; the best other, **{rival}** {_cell(others[rival].mean, others[rival].se)}, "
-            f"vs it: {_versus(others[rival], standard[tuned], metric)}")
+    return (
+        f"{sentence}, a standard configuration; the best other, **{rival}** "
+        f"{_cell(others[rival].mean, others[rival].se)}, "
+        f"vs it: {_versus(others[rival], standard[tuned], metric)}"
+    )
 
 
 def _best_cell(st: Stat, top: float) -> str:
@@ -181,7 +212,10 @@ def summary_table(groups: list[Group], metrics: list[str]) -> list[str]:
     """One row per configuration, one column per metric (mean ± SE; best in bold), and the training time."""
     stats = {metric: metric_stats(groups, metric) for metric in metrics}
     tops = {metric: best_mean(st, metric) for metric, st in stats.items() if st}
-    lines = ["| configuration | " + " | ".join(metrics) + " | steps | training s | n |", "|---" * (len(metrics) + 4) + "|"]
+    lines = [
+        "| configuration | " + " | ".join(metrics) + " | steps | training s | n |",
+        "|---" * (len(metrics) + 4) + "|",
+    ]
     for g in groups:
         if not g.summaries:
             continue
@@ -202,24 +236,35 @@ def budget_section(groups: list[Group], budget: str) -> list[str]:
     finished = [s for g in groups for s in g.summaries]
     if budget == "seconds":
         limit = max((s.get("max_seconds") or 0.0 for s in finished), default=0.0)
-        intro = (f"Equal budget: **training time**. Every run trained for {limit:g} s of training steps (evaluation, "
-                 "samples and checkpoints excluded) and stopped at the first step boundary past it; the steps and "
-                 "images seen are what each configuration did in that time (mean ± standard error over seeds).")
+        intro = (
+            f"Equal budget: **training time**. Every run trained for {limit:g} s of training steps (evaluation, "
+            "samples and checkpoints excluded) and stopped at the first step boundary past it; the steps and "
+            "images seen are what each configuration did in that time (mean ± standard error over seeds)."
+        )
     else:
-        intro = ("Equal budget: **steps**. Every run trained the same number of steps at the same batch size; "
-                 "the training seconds (evaluation, samples and checkpoints excluded) are what each configuration "
-                 "took (mean ± standard error over seeds).")
+        intro = (
+            "Equal budget: **steps**. Every run trained the same number of steps at the same batch size; "
+            "the training seconds (evaluation, samples and checkpoints excluded) are what each configuration "
+            "took (mean ± standard error over seeds)."
+        )
     lines = ["## Budget", "", intro, "", "| configuration | steps | images seen | training s |", "|---|---|---|---|"]
     for g in groups:
         if g.summaries:
             seconds = mean_se([s["train_s"] or 0.0 for s in g.summaries])
-            lines.append(f"| {g.label} | {_spread([s['steps'] for s in g.summaries])} | "
-                         f"{_spread([s['images_seen'] for s in g.summaries])} | {_cell(*seconds, digits=3)} |")
+            lines.append(
+                f"| {g.label} | {_spread([s['steps'] for s in g.summaries])} | "
+                f"{_spread([s['images_seen'] for s in g.summaries])} | {_cell(*seconds, digits=3)} |"
+            )
     if budget == "seconds":
-        capped = [f"{s['label']} seed {s['seed']}" for s in finished if (s["train_s"] or 0.0) < (s.get("max_seconds") or 0.0)]
+        capped = [
+            f"{s['label']} seed {s['seed']}" for s in finished if (s["train_s"] or 0.0) < (s.get("max_seconds") or 0.0)
+        ]
         if capped:
-            lines += ["", f"Reached their step cap (train.steps / epochs) before the time limit, so had less time: "
-                      f"{', '.join(capped)}; raise the cap to make the budget equal."]
+            lines += [
+                "",
+                f"Reached their step cap (train.steps / epochs) before the time limit, so had less time: "
+                f"{', '.join(capped)}; raise the cap to make the budget equal.",
+            ]
     return lines
 
 
@@ -234,23 +279,33 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
     runs = sum(len(g.summaries) for g in groups)
     planned = len(json.loads((out / "plan.json").read_text()))
     lines = [
-        f"# Comparison: {out.name}", "",
-        "```bash", command, "```", "",
+        f"# Comparison: {out.name}",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
         f"{runs} of {planned} planned runs finished. Each cell: mean ± standard error over seeds (n in the last "
         "column); the best configuration per metric is in bold. Rows marked (control) are the standard GAN "
         "with generator lr = λ2 of an inversion row (docs/design.md: with Adam and N1 = N2 = 1, the decomposed "
         "step at (λ1, λ2) is nearly that run). The best-tuned standard is the best standard configuration "
-        "(every learning rate tried, the controls included).", "",
+        "(every learning rate tried, the controls included).",
+        "",
     ]
-    headlines = [m for m in metrics if m.startswith("fid")][:1] + [m for m in ("modes_covered", "high_quality_share") if m in metrics]
+    headlines = [m for m in metrics if m.startswith("fid")][:1] + [
+        m for m in ("modes_covered", "high_quality_share") if m in metrics
+    ]
     for metric in headlines:
         sentence = headline(groups, metric)
         if sentence:
             lines += [f"- {sentence}"]
     if "modes_covered" in metrics:
-        lines += ["", "On 2-D points the Fréchet distance compares only means and covariances: a single Gaussian "
-                  "blob over the whole mixture scores near 0. Modes covered and the high-quality share are the "
-                  "measures of mode collapse and sample quality here."]
+        lines += [
+            "",
+            "On 2-D points the Fréchet distance compares only means and covariances: a single Gaussian "
+            "blob over the whole mixture scores near 0. Modes covered and the high-quality share are the "
+            "measures of mode collapse and sample quality here.",
+        ]
     lines.append("")
     lines += summary_table(groups, overview_metrics(metrics)[:7]) + [""]
     for metric in metrics:
@@ -267,7 +322,9 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
     lines += ["", "## Runs and their resolved configs", ""]
     for g in groups:
         for s in g.summaries:
-            lines.append(f"- {g.label}, seed {s['seed']}: [`runs/{s['name']}/config.yaml`](runs/{s['name']}/config.yaml)")
+            lines.append(
+                f"- {g.label}, seed {s['seed']}: [`runs/{s['name']}/config.yaml`](runs/{s['name']}/config.yaml)"
+            )
     lines += ["", "![curves](curves.png)", "", "![samples](samples.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -276,31 +333,29 @@ def write_report_md(groups: list[Group], out: Path, metrics: list[str]) -> None:
 
 
 def _evaluations(out: Path, name: str) -> list[dict[str, Any]]:
-    from .training.rundir import METRICS, read_metrics
-
     lines = read_metrics(out / "runs" / name / METRICS)
     return [line for line in lines if any(k.startswith("eval/") for k in line)]
 
 
 def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     shown = overview_metrics(metrics)[:4]
-    fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.2 * len(shown)), squeeze=False)
-    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    fig = Figure(figsize=(11, 3.2 * len(shown)))
+    axes = fig.subplots(len(shown), 2, squeeze=False)
+    colours = colormaps["tab10" if len(groups) <= 10 else "tab20"]
     for i, group in enumerate(g for g in groups if g.summaries):
         by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for s in group.summaries:
             for line in _evaluations(out, s["name"]):
                 by_step[line["step"]].append(line)
         steps = sorted(by_step)
-        seconds = [sum(l.get("train_s", 0.0) for l in by_step[t]) / len(by_step[t]) for t in steps]
+        seconds = [sum(r.get("train_s", 0.0) for r in by_step[t]) / len(by_step[t]) for t in steps]
         style = "--" if group.control else "-"
         for row, metric in enumerate(shown):
-            stats = [mean_se([l[f"eval/{metric}"] for l in by_step[t] if l.get(f"eval/{metric}") is not None] or [math.nan]) for t in steps]
+            stats = [
+                mean_se([r[f"eval/{metric}"] for r in by_step[t] if r.get(f"eval/{metric}") is not None] or [math.nan])
+                for t in steps
+            ]
             mean = [m for m, _ in stats]
             low = [m - (0 if math.isnan(se) else se) for m, se in stats]
             high = [m + (0 if math.isnan(se) else se) for m, se in stats]
@@ -313,7 +368,9 @@ def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path)
             ax = axes[row][col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
-            ax.set_title(f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better) vs {xlabel.split(' (')[0]}")
+            ax.set_title(
+                f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better) vs {xlabel.split(' (')[0]}"
+            )
             ax.grid(alpha=0.3)
     if shown:
         handles, labels = axes[0][0].get_legend_handles_labels()
@@ -321,15 +378,10 @@ def write_curves(groups: list[Group], out: Path, metrics: list[str], path: Path)
     fig.suptitle(f"{out.name}: mean over seeds, band ± 1 standard error")
     fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(groups) / 3), 1, 0.97))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_samples(groups: list[Group], out: Path, path: Path) -> None:
     """Each configuration's final sample grid (its first seed), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     shown = [(g, out / "runs" / g.summaries[0]["name"] / "samples" / "final.png") for g in groups if g.summaries]
     shown = [(g, p) for g, p in shown if p.is_file()]
@@ -337,16 +389,16 @@ def write_samples(groups: list[Group], out: Path, path: Path) -> None:
         return
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 4.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.8 * cols, 4.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (group, image) in zip(axes.flat, shown):
-        ax.imshow(plt.imread(image))
+        ax.imshow(imread(image))
         ax.set_title(f"{group.label}\nseed {group.summaries[0]['seed']}", fontsize="small")
     fig.suptitle(f"{out.name}: final samples per configuration")
     fig.tight_layout(h_pad=3.0, rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(out: Path) -> list[Path]:

@@ -68,7 +68,9 @@ def resolve_backend(backend: str = "auto") -> str:
             )
         return "torch"
     if backend in ("faiss-cpu", "faiss-gpu") and not faiss_installed():
-        raise ConfigError(f"search backend {backend!r}: faiss is not installed (pip install 'targetgen[cpu]' or '[gpu]')")
+        raise ConfigError(
+            f"search backend {backend!r}: faiss is not installed (pip install 'targetgen[cpu]' or '[gpu]')"
+        )
     if backend == "faiss-gpu" and gpu_count() == 0:
         raise ConfigError("search backend 'faiss-gpu': no GPU visible to faiss (faiss.get_num_gpus() == 0)")
     return backend
@@ -204,7 +206,9 @@ class NearestNeighbours:
         """Squared L2 distances (float32) and int64 indices of the k nearest, each N×k, nearest first."""
         queries = _as_matrix(queries, "queries")
         if queries.size(1) != self.dim:
-            raise ConfigError(f"nearest-neighbour queries: expected {self.dim}-dimensional vectors, got {queries.size(1)}")
+            raise ConfigError(
+                f"nearest-neighbour queries: expected {self.dim}-dimensional vectors, got {queries.size(1)}"
+            )
         if not 1 <= k <= self.size:
             raise ConfigError(f"nearest-neighbour k: expected 1 <= k <= {self.size} (the database size), got {k}")
         plan = plan_chunks(len(queries), self.plan.database, self.dim, k, self.memory_budget)

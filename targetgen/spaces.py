@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import registry
-from .data import iterate_batches
 from .config import bounded
+from .data import iterate_batches
 from .errors import ConfigError
 from .search import BACKENDS
 
@@ -42,7 +42,7 @@ class SearchOptions:
         return int(self.memory_budget * 1024**3)
 
 
-def search_space(options: SearchOptions, image_shape: tuple[int, ...], device: torch.device) -> "SearchSpace":
+def search_space(options: SearchOptions, image_shape: tuple[int, ...], device: torch.device) -> SearchSpace:
     """The space of ``options``, after checking its budget and backend."""
     if options.backend not in BACKENDS:
         raise ConfigError(f"targets.options.backend: expected one of {', '.join(BACKENDS)}, got {options.backend!r}")

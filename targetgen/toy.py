@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from . import registry
@@ -108,8 +109,10 @@ def train_toy(
 ) -> tuple[ToyResult, LinearGenerator, Tensor]:
     """Train the toy GAN; returns the error history, the generator and the data (float64)."""
     if dim < 1 or steps < 1 or batch_size <= dim:
-        raise ConfigError(f"toy: expected dim >= 1, steps >= 1 and batch size > dim (the closed form needs "
-                          f"d + 1 samples); got dim {dim}, steps {steps}, batch size {batch_size}")
+        raise ConfigError(
+            f"toy: expected dim >= 1, steps >= 1 and batch size > dim (the closed form needs "
+            f"d + 1 samples); got dim {dim}, steps {steps}, batch size {batch_size}"
+        )
     if regression not in ("closed-form", "gradient"):
         raise ConfigError(f"--regression: expected closed-form or gradient, got {regression!r}")
     points, mu, sigma = toy_data(dim, 10_000, seed)
@@ -126,7 +129,11 @@ def train_toy(
     )
     inversion = registry.load("targets", "inversion")
     source = inversion(inversion.Options(lambda1=lambda1, d_lr=d_lr), context)
-    engine = RegressionEngine(generator, RegressionConfig(lr=lr, optimizer="sgd"), steps) if regression == "gradient" else None
+    engine = (
+        RegressionEngine(generator, RegressionConfig(lr=lr, optimizer="sgd"), steps)
+        if regression == "gradient"
+        else None
+    )
 
     result = ToyResult(dim, regression, data_mean=mu.tolist(), data_covariance=sigma.tolist())
 
@@ -153,10 +160,6 @@ def train_toy(
 
 def write_toy_outputs(result: ToyResult, generator: LinearGenerator, points: Tensor, out: Path) -> list[Path]:
     """toy.json (history and final errors), errors.png and, for d = 2, scatter.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -168,7 +171,8 @@ def write_toy_outputs(result: ToyResult, generator: LinearGenerator, points: Ten
     paths = [out / "toy.json", out / "errors.png"]
     paths[0].write_text(json.dumps(record, indent=1) + "\n")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     ax.plot(result.steps, result.mean_error, label="‖mean error‖ = ‖b − μ‖")
     ax.plot(result.steps, result.covariance_error, label="‖covariance error‖ = ‖BBᵀ − Σ‖_F")
     ax.set_yscale("symlog", linthresh=1e-3)
@@ -179,12 +183,12 @@ def write_toy_outputs(result: ToyResult, generator: LinearGenerator, points: Ten
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
 
     if result.dim == 2:
         with torch.no_grad():
             samples = generator(torch.randn(2000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.subplots()
         ax.scatter(points[:2000, 0], points[:2000, 1], s=3, c="0.6", label="data N(μ, Σ)")
         ax.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:red", alpha=0.6, label="generator")
         ax.set_aspect("equal")
@@ -193,5 +197,4 @@ def write_toy_outputs(result: ToyResult, generator: LinearGenerator, points: Ten
         fig.tight_layout()
         paths.append(out / "scatter.png")
         fig.savefig(paths[2], dpi=110)
-        plt.close(fig)
     return paths

@@ -17,6 +17,10 @@ TINY = [
     "train.sample_every=1000",
     "train.checkpoint_every=1000",
     "train.loggers=jsonl",  # TensorBoard's import costs seconds per process; tests/test_logging.py covers it
+    # float32 and the default layout, on every machine: the equivalence and exact-resume tests compare bits
+    # (bf16 and channels-last are tested on their own, tests/test_precision.py)
+    "train.precision=fp32",
+    "train.channels_last=false",
 ]
 
 

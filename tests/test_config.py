@@ -52,7 +52,10 @@ def test_switching_targets_resets_options_unless_same_source(tmp_path):
 
 
 def test_unknown_source_option_lists_the_valid_ones(tiny_config):
-    with pytest.raises(ConfigError, match=r"unknown key 'targets.options.lamda1'; did you mean 'lambda1'\? \(valid keys: lambda1, steps"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'targets.options.lamda1'; did you mean 'lambda1'\? \(valid keys: lambda1, steps",
+    ):
         build_run(tiny_config("targets.options.lamda1=0.5"))
 
 
@@ -74,8 +77,9 @@ def test_resolved_config_round_trips_to_the_same_run(tiny_config, tmp_path):
     config = tiny_config("train.steps=3", "targets.options.lambda1=0.5")
     first = train(config, plan_run_dir(config, False), progress=False)
     saved = config_of_run(tmp_path / "run")
-    assert to_dict(saved) == to_dict(config)
+    assert to_dict(saved) == to_dict(first.config)
     assert saved.targets.options["d_loss"] == "bce"  # every option resolved and written
+    assert config.targets.options == {"lambda1": 0.5} and config.train.threads is None  # the given config is left alone
     saved.train.name = "again"
     second = train(saved, plan_run_dir(saved, False), progress=False)
     for p, q in zip(first.generator.parameters(), second.generator.parameters(), strict=True):

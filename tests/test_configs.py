@@ -24,10 +24,19 @@ def fake_celeba(tmp_path):
     return tmp_path / "celeba"
 
 
-@pytest.mark.parametrize("name, source", [("digits", "inversion"), ("mnist5k", "inversion"), ("toy2d", "inversion"),
-                                          ("toy2d_mix", "mix"),
-                                          ("celeba_baseline", "standard"), ("celeba_decomposed", "inversion"),
-                                          ("pacgan_grid25", "standard"), ("pacgan_ring8", "standard")])
+@pytest.mark.parametrize(
+    "name, source",
+    [
+        ("digits", "inversion"),
+        ("mnist5k", "inversion"),
+        ("toy2d", "inversion"),
+        ("toy2d_mix", "mix"),
+        ("celeba_baseline", "standard"),
+        ("celeba_decomposed", "inversion"),
+        ("pacgan_grid25", "standard"),
+        ("pacgan_ring8", "standard"),
+    ],
+)
 def test_preset_trains(name, source, tmp_path, fake_celeba):
     extra = [f"data.path={fake_celeba}", "data.num_workers=0"] if name.startswith("celeba") else []
     config = load_config(CONFIGS / f"{name}.yaml", [*SHORT, *extra, f"train.out_dir={tmp_path / 'runs'}"])
@@ -48,3 +57,23 @@ def test_preset_trains(name, source, tmp_path, fake_celeba):
         assert len(run.data.dataset) == 100_000 and sum(p.numel() for p in run.generator.parameters()) == 484_802
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["step"] == 2 and last["eval/modes_total"] == (25 if "grid" in name else 8)
+
+
+def test_presets_are_found_by_name_as_well_as_by_path(tmp_path):
+    from targetgen.config import presets
+
+    shipped = presets()
+    assert set(shipped) == {p.stem for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("compare/*.yaml")]}
+    assert load_config("mnist5k").data.name == "mnist5k"
+    assert load_config(CONFIGS / "mnist5k.yaml") == load_config("mnist5k")
+    from cli_helpers import run_cli
+
+    code, _, err = run_cli("train", "-c", "mnist5kk", "--out-dir", str(tmp_path))
+    assert code == 2 and "config file not found: mnist5kk, and no preset of that name; did you mean 'mnist5k'?" in err
+
+
+def test_presets_hold_no_results():
+    """Preset comments say what a preset is; measured numbers belong in docs/results."""
+    for path in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("compare/*.yaml")]:
+        comments = " ".join(line.partition("#")[2] for line in path.read_text().splitlines() if "#" in line)
+        assert "±" not in comments and "Measured" not in comments and "measured" not in comments, path

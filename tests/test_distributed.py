@@ -11,20 +11,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from targetgen import TrainingContext
 from targetgen.config import Config, from_dict, load_config, to_dict
 from targetgen.data import TensorImages
 from targetgen.distributed import Processes
 from targetgen.errors import ConfigError
 from targetgen.plugins.imle import IMLE, IMLEOptions
-from targetgen.training import build_run, train
+from targetgen.training import build_run, config_of_run, train
 from targetgen.training.checkpoint import load_checkpoint
-from targetgen.training import config_of_run
-from targetgen import TrainingContext
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # toy2d (MLPs, no BatchNorm: per-process batch statistics would differ from one process's)
-TOY = ["train.batch_size=64", "train.drop_last=true", "train.log_every=1", "train.sample_every=1000",
-       "train.checkpoint_every=1000", "data.num_points=512"]
+TOY = [
+    "train.batch_size=64",
+    "train.drop_last=true",
+    "train.log_every=1",
+    "train.sample_every=1000",
+    "train.checkpoint_every=1000",
+    "data.num_points=512",
+]
 
 
 def _join(rank: int, world_size: int, init_file: str) -> Processes:
@@ -68,8 +73,11 @@ def train_distributed(raw: dict, run_dirs: list[Path], tmp_path: Path, resume: b
     for d in run_dirs:
         d.mkdir(parents=True, exist_ok=True)
     first = len(list(tmp_path.glob("init-*")))
-    spawn_two(_train_worker, lambda attempt: (2, str(tmp_path / f"init-{first}-{attempt}"), raw, [str(d) for d in run_dirs], resume),
-              run_dirs)
+    spawn_two(
+        _train_worker,
+        lambda attempt: (2, str(tmp_path / f"init-{first}-{attempt}"), raw, [str(d) for d in run_dirs], resume),
+        run_dirs,
+    )
 
 
 def generator_state(run_dir: Path) -> dict:
@@ -88,19 +96,43 @@ def assert_same_generator(a: Path, b: Path) -> None:
         assert torch.allclose(sa[key], sb[key], rtol=1e-9, atol=1e-10), key
 
 
-@pytest.mark.parametrize("targets, options", [
-    ("standard", []),
-    ("inversion", ["targets.options.lambda1=0.5", "regression.lr=0.0004"]),
-    ("inversion", ["targets.options.steps=2", "regression.reduction=mean", "regression.steps=2", "regression.lr=0.01"]),
-    # every process stops at the same regression step (reach over the global batch) and replays the same batches
-    ("inversion", ["targets.options.step_rule=normalized", "targets.options.lambda1=0.5", "regression.until_reach=0.9",
-                   "regression.max_steps=3", "regression.replay=2"]),
-])
+@pytest.mark.parametrize(
+    "targets, options",
+    [
+        ("standard", []),
+        ("inversion", ["targets.options.lambda1=0.5", "regression.lr=0.0004"]),
+        (
+            "inversion",
+            ["targets.options.steps=2", "regression.reduction=mean", "regression.steps=2", "regression.lr=0.01"],
+        ),
+        # every process stops at the same regression step (reach over the global batch) and replays the same batches
+        (
+            "inversion",
+            [
+                "targets.options.step_rule=normalized",
+                "targets.options.lambda1=0.5",
+                "regression.until_reach=0.9",
+                "regression.max_steps=3",
+                "regression.replay=2",
+            ],
+        ),
+    ],
+)
 def test_two_processes_train_the_same_generator_as_one(tmp_path, targets, options, float64):
-    single = load_config(CONFIGS / "toy2d.yaml", [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=one", *options], targets)
+    single = load_config(
+        CONFIGS / "toy2d.yaml",
+        [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=one", *options],
+        targets,
+    )
     (tmp_path / "one").mkdir()
     train(single, tmp_path / "one", progress=False)
-    raw = to_dict(load_config(CONFIGS / "toy2d.yaml", [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=two", *options], targets))
+    raw = to_dict(
+        load_config(
+            CONFIGS / "toy2d.yaml",
+            [*TOY, "train.steps=6", f"train.out_dir={tmp_path}", "train.name=two", *options],
+            targets,
+        )
+    )
     train_distributed(raw, [tmp_path / "two", tmp_path / "rank1"], tmp_path)
 
     assert_same_generator(tmp_path / "one", tmp_path / "two")
@@ -132,10 +164,20 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path, float64):
 
 def _matched(data: Tensor, adaptive: bool, processes: Processes = Processes()) -> IMLE:
     """IMLE after its first matching; adaptive, after a second one in which data points 1 and 4 are due."""
-    context = TrainingContext(generator=torch.nn.Identity(), sample_latents=None, dataset=TensorImages(data),
-                              image_shape=(2,), device=torch.device("cpu"), rank=processes.rank,
-                              world_size=processes.world_size, latent_shape=(2,), seed=3)
-    imle = IMLE(IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0, adaptive=adaptive), context)
+    context = TrainingContext(
+        generator=torch.nn.Identity(),
+        sample_latents=None,
+        dataset=TensorImages(data),
+        image_shape=(2,),
+        device=torch.device("cpu"),
+        rank=processes.rank,
+        world_size=processes.world_size,
+        latent_shape=(2,),
+        seed=3,
+    )
+    imle = IMLE(
+        IMLEOptions(samples_factor=5, generation_batch=4, search_batch=8, jitter=0.0, adaptive=adaptive), context
+    )
     imle.on_epoch_start(0)
     if adaptive:  # their samples moved halfway to them: within their thresholds
         imle.matched_z[[1, 4]] = (imle.matched_z[[1, 4]] + data[[1, 4]]) / 2
@@ -178,16 +220,18 @@ def test_distributed_runs_drop_the_last_batch_unless_told_not_to(capsys):
     assert config.train.drop_last is None
     with pytest.raises(ConfigError, match="does not split evenly"):  # stops right after resolving drop_last
         build_run(config, Processes(0, 2, 0))
-    assert config.train.drop_last is True
+    assert config.train.drop_last is None  # the given config is left alone; the resolved value is said
     assert capsys.readouterr().out.startswith("train.drop_last: true for 2 processes")
     alone = load_config(CONFIGS / "toy2d.yaml", unset)
     run = build_run(alone)  # one process keeps the last, smaller batch
-    assert run.steps_per_epoch == -(-len(run.data.dataset) // 64) and alone.train.drop_last is False
+    assert run.steps_per_epoch == -(-len(run.data.dataset) // 64) and run.config.train.drop_last is False
 
 
 def test_distributed_batches_must_split_evenly(tmp_path):
-    for overrides, message in ((["train.batch_size=63"], "does not split evenly over 2 processes"),
-                               (["train.drop_last=false"], "train.drop_last: distributed runs need")):
+    for overrides, message in (
+        (["train.batch_size=63"], "does not split evenly over 2 processes"),
+        (["train.drop_last=false"], "train.drop_last: distributed runs need"),
+    ):
         config = load_config(CONFIGS / "toy2d.yaml", [*TOY, *overrides])
         with pytest.raises(ConfigError, match=message):
             build_run(config, Processes(0, 2, 0))

@@ -6,19 +6,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import max_param_diff
+
+import targetgen.plugins.inversion as inversion
 from targetgen import Targets
 from targetgen.training import build_run, plan_run_dir, train
-import targetgen.plugins.inversion as inversion
 
 ETA = 0.05  # large enough that 5 steps move the generator visibly
 
 
 def fixed_discriminator_trajectories(tiny_config, lambda1, *overrides):
     """5 generator steps each way with the discriminator fixed; returns both generators."""
-    run = build_run(tiny_config(f"targets.options.lambda1={lambda1}", "regression.optimizer=sgd",
-                                f"regression.lr={ETA / lambda1}", *overrides))
+    run = build_run(
+        tiny_config(
+            f"targets.options.lambda1={lambda1}",
+            "regression.optimizer=sgd",
+            f"regression.lr={ETA / lambda1}",
+            *overrides,
+        )
+    )
     source, engine = run.strategy.source, run.strategy.regression
     standard_G = copy.deepcopy(run.generator)
     initial_G = copy.deepcopy(run.generator)

@@ -1,4 +1,5 @@
-"""Metrics against known answers and against prdc; FID pipeline, caching, the digit classifiers, `targetgen evaluate`."""
+"""Metrics against known answers and against prdc; FID pipeline, caching, the digit classifiers, `targetgen "
+"evaluate`."""
 
 import contextlib
 import io
@@ -11,9 +12,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
-from cli_helpers import run_cli
 import yaml
+from cli_helpers import run_cli
 
 from targetgen import jsonsafe, metrics
 from targetgen.config import DataConfig, EvaluationConfig, load_config
@@ -22,13 +22,25 @@ from targetgen.digits_classifier import RECIPES, held_out_accuracy
 from targetgen.errors import ConfigError, DataError
 from targetgen.evaluation import evaluate, fingerprint, real_features, resolve_features, resolve_metrics
 from targetgen.features import (
-    FID_WEIGHTS_FILE, DigitsCNN, DigitsFeatures, InceptionFeatures, MnistFeatures, find_fid_weights,
+    FID_WEIGHTS_FILE,
+    DigitsCNN,
+    DigitsFeatures,
+    InceptionFeatures,
+    MnistFeatures,
+    find_fid_weights,
 )
 from targetgen.metrics import (
-    MODE_SAMPLES, Statistics, class_metrics, feature_statistics, frechet_distance, kernel_inception_distance,
-    kl_to_uniform, mode_metrics, precision_recall_density_coverage,
+    MODE_SAMPLES,
+    Statistics,
+    class_metrics,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    kl_to_uniform,
+    mode_metrics,
+    precision_recall_density_coverage,
 )
-from targetgen.report import metric_stats, Group
+from targetgen.report import Group, metric_stats
 from targetgen.training import load_trained, plan_run_dir, train
 
 
@@ -70,10 +82,16 @@ def prdc_reference(real, fake, k):
 
 def assert_equal_to_prdc(real, fake):
     """Our defaults (precision/recall at k = 3, density/coverage at k = 5) and one k for all, against prdc."""
-    ours, k3, k5 = precision_recall_density_coverage(real, fake), prdc_reference(real, fake, 3), prdc_reference(real, fake, 5)
+    ours, k3, k5 = (
+        precision_recall_density_coverage(real, fake),
+        prdc_reference(real, fake, 3),
+        prdc_reference(real, fake, 5),
+    )
     want = {"precision": k3["precision"], "recall": k3["recall"], "density": k5["density"], "coverage": k5["coverage"]}
     assert ours == pytest.approx(want, rel=0, abs=1e-12)
-    assert precision_recall_density_coverage(real, fake, k=4) == pytest.approx(prdc_reference(real, fake, 4), rel=0, abs=1e-12)
+    assert precision_recall_density_coverage(real, fake, k=4) == pytest.approx(
+        prdc_reference(real, fake, 4), rel=0, abs=1e-12
+    )
     return ours
 
 
@@ -85,7 +103,9 @@ FAKE = torch.randn(250, 16, generator=g) * 0.8 + 0.3
 def test_prdc_metrics_equal_prdc_on_continuous_data():
     ours = assert_equal_to_prdc(REAL, FAKE)
     assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1 and 0 < ours["coverage"] < 1
-    assert ours == pytest.approx({"precision": 0.916, "recall": 134 / 300, "density": 1.5112, "coverage": 286 / 300}, abs=1e-12)
+    assert ours == pytest.approx(
+        {"precision": 0.916, "recall": 134 / 300, "density": 1.5112, "coverage": 286 / 300}, abs=1e-12
+    )
 
 
 def test_prdc_metrics_equal_prdc_on_ties_generated_equal_to_real():
@@ -108,7 +128,9 @@ def test_prdc_metrics_equal_prdc_under_a_large_common_offset():
     real, fake = torch.randn(1000, 256, generator=g), torch.randn(800, 256, generator=g) + 0.1
     shifted = assert_equal_to_prdc(real + 300.0, fake + 300.0)
     assert shifted == precision_recall_density_coverage(real, fake)
-    assert shifted == pytest.approx({"precision": 0.4725, "recall": 0.544, "density": 0.74075, "coverage": 0.89}, abs=1e-12)
+    assert shifted == pytest.approx(
+        {"precision": 0.4725, "recall": 0.544, "density": 0.74075, "coverage": 0.89}, abs=1e-12
+    )
 
 
 def test_prdc_metrics_in_blocks_of_rows_are_identical(monkeypatch):
@@ -142,7 +164,10 @@ def plain_unbiased_mmd2(x, y):
 
 def test_kid_of_whole_sets_equals_the_plain_formula():
     g = torch.Generator().manual_seed(0)
-    real, fake = torch.randn(25, 4, generator=g, dtype=torch.float64), torch.randn(25, 4, generator=g, dtype=torch.float64) + 0.5
+    real, fake = (
+        torch.randn(25, 4, generator=g, dtype=torch.float64),
+        torch.randn(25, 4, generator=g, dtype=torch.float64) + 0.5,
+    )
     kid, std = kernel_inception_distance(real, fake, subsets=3, subset_size=25)  # every subset is the whole set
     assert kid == pytest.approx(plain_unbiased_mmd2(fake.tolist(), real.tolist()), rel=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12) and kid > 0
@@ -191,7 +216,9 @@ def test_kid_is_unbiased_on_samples_with_a_known_mmd(q, population):
     p, q = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
     real, fake = draw(p, 4000, 0), draw(q, 4000, 1)
     expected = whole_sample_mmd2(fake, real)
-    assert population_mmd2(q, p) == pytest.approx(population, abs=1e-12) and expected == pytest.approx(population, abs=0.05)
+    assert population_mmd2(q, p) == pytest.approx(population, abs=1e-12) and expected == pytest.approx(
+        population, abs=0.05
+    )
     kid, std = kernel_inception_distance(real, fake, subsets=2000, subset_size=10)
     standard_error = std / math.sqrt(2000)
     assert abs(kid - expected) < 3 * standard_error and standard_error < 0.03
@@ -226,13 +253,15 @@ def test_mode_metrics_on_the_true_mixture_and_on_one_mode():
 def test_published_rule_counts_one_high_quality_sample_and_the_strict_rule_twenty():
     std = 0.05
     near = torch.tensor([0.1, -0.05])  # 0.112 from its centre, within 3σ = 0.15
-    samples = torch.cat([
-        GRID[0] + near.expand(1, 2),    # mode 0: 1 high-quality sample
-        GRID[1] + near.expand(20, 2),   # mode 1: 20
-        GRID[2] + near.expand(19, 2),   # mode 2: 19
-        GRID[3] + torch.tensor([[0.16, 0.0]]).expand(5, 2),  # 3.2σ from mode 3: not high quality
-        torch.tensor([[-3.0, -3.0]]).expand(5, 2),           # between four modes
-    ])
+    samples = torch.cat(
+        [
+            GRID[0] + near.expand(1, 2),  # mode 0: 1 high-quality sample
+            GRID[1] + near.expand(20, 2),  # mode 1: 20
+            GRID[2] + near.expand(19, 2),  # mode 2: 19
+            GRID[3] + torch.tensor([[0.16, 0.0]]).expand(5, 2),  # 3.2σ from mode 3: not high quality
+            torch.tensor([[-3.0, -3.0]]).expand(5, 2),  # between four modes
+        ]
+    )
     m = mode_metrics(samples, GRID, std)
     assert m["modes_covered"] == 3 and m["modes_covered_20"] == 1 and m["modes_total"] == 25
     assert m["high_quality_share"] == 40 / 50
@@ -273,8 +302,10 @@ def random_inception_weights(tmp_path_factory):
     """pytorch-fid's FID Inception with random weights, saved where a real file would go."""
     from pytorch_fid import inception
 
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-         mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None):
+    with (
+        mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
+    ):
         model = inception.fid_inception_v3()
     path = tmp_path_factory.mktemp("hub") / FID_WEIGHTS_FILE
     torch.save(model.state_dict(), path)
@@ -282,8 +313,13 @@ def random_inception_weights(tmp_path_factory):
 
 
 def test_fid_pipeline_with_randomly_initialised_inception_weights(tiny_config, tmp_path, random_inception_weights):
-    config = tiny_config("train.steps=2", "evaluation.features=inception", "evaluation.n=12",
-                         f"evaluation.cache_dir={tmp_path / 'cache'}", f"evaluation.fid_weights={random_inception_weights}")
+    config = tiny_config(
+        "train.steps=2",
+        "evaluation.features=inception",
+        "evaluation.n=12",
+        f"evaluation.cache_dir={tmp_path / 'cache'}",
+        f"evaluation.fid_weights={random_inception_weights}",
+    )
     run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     with warnings.catch_warnings():
@@ -339,14 +375,25 @@ def test_fid_stats_command_fills_the_cache(tmp_path):
 
 
 def test_evaluate_a_digits_run_and_evaluation_during_training(tiny_config, tmp_path):
-    config = tiny_config("train.steps=4", "evaluation.every=2", "evaluation.n=200", f"evaluation.cache_dir={tmp_path / 'c'}",
-                         "regression.ema=0.9")
+    config = tiny_config(
+        "train.steps=4",
+        "evaluation.every=2",
+        "evaluation.n=200",
+        f"evaluation.cache_dir={tmp_path / 'c'}",
+        "regression.ema=0.9",
+    )
     run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [line for line in lines if "eval/fid_digits" in line]
     assert [line["step"] for line in evaluated] == [2, 4]
-    assert {"eval/precision", "eval/recall", "eval/classes_covered", "eval/kid_digits", "eval/kid_digits_std"} <= evaluated[0].keys()
+    assert {
+        "eval/precision",
+        "eval/recall",
+        "eval/classes_covered",
+        "eval/kid_digits",
+        "eval/kid_digits_std",
+    } <= evaluated[0].keys()
 
     code, out, err = run_cli("evaluate", str(run_dir), "--ema", "--n", "200")
     assert code == 0, err
@@ -365,7 +412,10 @@ def test_evaluate_modes_on_toy2d_and_bad_choices(tiny_config, tmp_path):
     code, _, err = run_cli("evaluate", str(run_dir), "--metrics", "fid,classes")
     assert code == 2 and "'classes' needs a feature space that classifies (digits, mnist), got features 'pixels'" in err
     code, _, err = run_cli("evaluate", str(run_dir), "--n", "5")
-    assert code == 2 and "evaluation.n: precision/recall/density/coverage with k = 5 need more than 5 samples, got 5" in err
+    assert (
+        code == 2
+        and "evaluation.n: precision/recall/density/coverage with k = 5 need more than 5 samples, got 5" in err
+    )
     # the mode metrics draw the protocol's 2,500 samples of their own, whatever evaluation.n is
     with mock.patch("targetgen.evaluation.mode_metrics", wraps=mode_metrics) as counted:
         result = evaluate(load_trained(run_dir), EvaluationConfig(n=100, metrics="modes"))
@@ -379,8 +429,21 @@ def test_runs_from_before_the_mlp_and_mixture_settings_still_evaluate(tiny_confi
     run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    new_keys = {"model": ["g_depth", "d_depth", "g_width", "d_width", "g_batchnorm", "d_batchnorm", "g_activation",
-                          "d_activation", "d_maxout", "init_std"], "data": ["radius", "resample"]}
+    new_keys = {
+        "model": [
+            "g_depth",
+            "d_depth",
+            "g_width",
+            "d_width",
+            "g_batchnorm",
+            "d_batchnorm",
+            "g_activation",
+            "d_activation",
+            "d_maxout",
+            "init_std",
+        ],
+        "data": ["radius", "resample"],
+    }
     for section, keys in new_keys.items():
         for key in keys:
             del saved[section][key]
@@ -391,7 +454,9 @@ def test_runs_from_before_the_mlp_and_mixture_settings_still_evaluate(tiny_confi
     assert result["modes_total"] == 8 and {"modes_covered", "modes_covered_20", "mode_kl_to_uniform"} <= result.keys()
 
 
-def test_training_with_inception_evaluation_but_no_weights_fails_before_the_first_step(tiny_config, tmp_path, monkeypatch):
+def test_training_with_inception_evaluation_but_no_weights_fails_before_the_first_step(
+    tiny_config, tmp_path, monkeypatch
+):
     monkeypatch.delenv("TARGETGEN_FID_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     config = tiny_config("train.steps=50", "evaluation.every=10", "evaluation.features=inception")
@@ -431,8 +496,14 @@ def test_evaluation_k_is_one_k_for_all_four_metrics_when_set(tiny_config, tmp_pa
     with pytest.raises(ConfigError, match="evaluation.k: expected an integer >= 1, got 0"):
         load_config(None, ["evaluation.k=0"])
     assert load_config(None, []).evaluation.k is None
-    config = tiny_config("train.steps=1", "evaluation.n=100", "evaluation.metrics=pr", "evaluation.features=pixels",
-                         "evaluation.k=2", f"evaluation.cache_dir={tmp_path}")
+    config = tiny_config(
+        "train.steps=1",
+        "evaluation.n=100",
+        "evaluation.metrics=pr",
+        "evaluation.features=pixels",
+        "evaluation.k=2",
+        f"evaluation.cache_dir={tmp_path}",
+    )
     run_dir = plan_run_dir(config, False)
     run = train(config, run_dir, progress=False)
     from targetgen.evaluation import evaluate, generated_samples
@@ -441,7 +512,8 @@ def test_evaluation_k_is_one_k_for_all_four_metrics_when_set(tiny_config, tmp_pa
     real = real_features(run.data, config.data, load_features_pixels(), config.evaluation).features
     fake = generated_samples(run.generator, tuple(run.fixed_noise.shape[1:]), 100, 0, run.device).flatten(1)
     assert {k: got[k] for k in ("precision", "recall", "density", "coverage")} == pytest.approx(
-        prdc_reference(real, fake, 2), rel=0, abs=1e-12)
+        prdc_reference(real, fake, 2), rel=0, abs=1e-12
+    )
 
 
 def load_features_pixels():
@@ -452,14 +524,24 @@ def load_features_pixels():
 
 def test_results_without_a_finite_value_are_null_in_json_and_explained_in_the_table(tiny_config, tmp_path):
     assert kl_to_uniform(torch.zeros(8)) == math.inf
-    assert jsonsafe.dumps({"a": math.inf, "b": [math.nan, 1.5], "c": {"d": -math.inf}}) == \
-        '{"a": null, "b": [null, 1.5], "c": {"d": null}}'
+    assert (
+        jsonsafe.dumps({"a": math.inf, "b": [math.nan, 1.5], "c": {"d": -math.inf}})
+        == '{"a": null, "b": [null, 1.5], "c": {"d": null}}'
+    )
     with pytest.raises(ValueError):
         json.dumps(math.inf, allow_nan=False)  # what jsonsafe.dumps relies on for anything it does not convert
 
     # modes σ = 0.001 wide: after 2 steps no sample lies within 3σ of one, the KL of the empty histogram is inf
-    config = tiny_config("data.name=toy2d", "data.mixture=ring8", "data.std=0.001", "data.num_points=500",
-                         "train.steps=2", "evaluation.every=2", "evaluation.n=200", f"evaluation.cache_dir={tmp_path}")
+    config = tiny_config(
+        "data.name=toy2d",
+        "data.mixture=ring8",
+        "data.std=0.001",
+        "data.num_points=500",
+        "train.steps=2",
+        "evaluation.every=2",
+        "evaluation.n=200",
+        f"evaluation.cache_dir={tmp_path}",
+    )
     run_dir = plan_run_dir(config, False)
     train(config, run_dir, progress=False)
     logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # strict JSON: no Infinity

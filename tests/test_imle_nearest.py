@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from cli_helpers import run_cli
 from torch import nn
 
-from cli_helpers import run_cli
 from targetgen import Batch, TrainingContext
 from targetgen.config import from_dict
 from targetgen.data import TensorImages
@@ -18,8 +18,14 @@ from targetgen.training import build_run, plan_run_dir, train
 
 def points_context(data, sample_latents, generator=None, **distributed):
     return TrainingContext(
-        generator=generator or nn.Identity(), sample_latents=sample_latents, dataset=TensorImages(data),
-        image_shape=(2,), device=torch.device("cpu"), total_steps=10, latent_shape=(2,), **distributed,
+        generator=generator or nn.Identity(),
+        sample_latents=sample_latents,
+        dataset=TensorImages(data),
+        image_shape=(2,),
+        device=torch.device("cpu"),
+        total_steps=10,
+        latent_shape=(2,),
+        **distributed,
     )
 
 
@@ -52,7 +58,9 @@ def test_imle_matches_every_data_point_with_its_true_nearest_sample():
 
 def test_imle_rematches_every_staleness_epochs_and_jitters_latents():
     data = torch.randn(5, 2)
-    imle = IMLE(IMLEOptions(samples_factor=2, staleness=2, jitter=0.1), points_context(data, lambda n: torch.randn(n, 2)))
+    imle = IMLE(
+        IMLEOptions(samples_factor=2, staleness=2, jitter=0.1), points_context(data, lambda n: torch.randn(n, 2))
+    )
     epochs = []
     for epoch in range(5):
         imle.on_epoch_start(epoch)
@@ -93,8 +101,10 @@ def test_adaptive_imle_rematches_only_the_data_points_whose_sample_came_within_t
     assert torch.allclose(imle.thresholds[[1, 4]].double(), 0.75 * first_distance[[1, 4]] / 4, rtol=1e-4, atol=1e-6)
     assert imle.rematched_share == pytest.approx(2 / 6) and imle.matched_at.tolist() == [0, 2, 0, 0, 2, 0]
 
-    forced = IMLE(IMLEOptions(samples_factor=3, adaptive=True, force_after=2, backend="torch"),
-                  points_context(data, None, generator=PassSizes()))
+    forced = IMLE(
+        IMLEOptions(samples_factor=3, adaptive=True, force_after=2, backend="torch"),
+        points_context(data, None, generator=PassSizes()),
+    )
     for epoch in range(3):
         forced.match(epoch)
     assert forced.rematched_share == 1.0 and forced.matched_at.tolist() == [2] * 6  # two epochs: due anyway
@@ -119,26 +129,32 @@ def test_nearest_alpha_and_k_move_part_way_to_the_mean_of_k_neighbours():
     assert torch.allclose(targets.x, sample + 0.5 * (torch.tensor([[0.5, 0.0]]) - sample))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"k": 9}, r"k: expected 1 <= k <= 4 \(the data set size\), got 9"),
-    ({"space": "downsample"}, "'downsample' needs images; these data are 2-d points"),
-    ({"space": "inceptoin"}, "unknown space 'inceptoin'; expected one of pixels, downsample, projection"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"k": 9}, r"k: expected 1 <= k <= 4 \(the data set size\), got 9"),
+        ({"space": "downsample"}, "'downsample' needs images; these data are 2-d points"),
+        ({"space": "inceptoin"}, "unknown space 'inceptoin'; expected one of pixels, downsample, projection"),
+    ],
+)
 def test_nearest_bad_options_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
         NearestTargets(NearestOptions(**bad), points_context(torch.randn(4, 2), None))
 
 
-@pytest.mark.parametrize("options, bad, message", [
-    (NearestOptions, {"alpha": 0.0}, r"targets.options.alpha: expected a number in \(0, 1\], got 0.0"),
-    (NearestOptions, {"alpha": 1.5}, r"targets.options.alpha: expected a number in \(0, 1\], got 1.5"),
-    (IMLEOptions, {"staleness": 0}, "targets.options.staleness: expected an integer >= 1, got 0"),
-    (IMLEOptions, {"search_batch": 0}, "targets.options.search_batch: expected an integer >= 1, got 0"),
-    (IMLEOptions, {"memory_budget": -1}, "targets.options.memory_budget: expected a number > 0, got -1.0"),
-    (IMLEOptions, {"jitter": -0.1}, "targets.options.jitter: expected a number >= 0, got -0.1"),
-    (IMLEOptions, {"change_coef": 1}, r"targets.options.change_coef: expected a number in \(0, 1\), got 1.0"),
-    (IMLEOptions, {"force_after": 0}, "targets.options.force_after: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "options, bad, message",
+    [
+        (NearestOptions, {"alpha": 0.0}, r"targets.options.alpha: expected a number in \(0, 1\], got 0.0"),
+        (NearestOptions, {"alpha": 1.5}, r"targets.options.alpha: expected a number in \(0, 1\], got 1.5"),
+        (IMLEOptions, {"staleness": 0}, "targets.options.staleness: expected an integer >= 1, got 0"),
+        (IMLEOptions, {"search_batch": 0}, "targets.options.search_batch: expected an integer >= 1, got 0"),
+        (IMLEOptions, {"memory_budget": -1}, "targets.options.memory_budget: expected a number > 0, got -1.0"),
+        (IMLEOptions, {"jitter": -0.1}, "targets.options.jitter: expected a number >= 0, got -0.1"),
+        (IMLEOptions, {"change_coef": 1}, r"targets.options.change_coef: expected a number in \(0, 1\), got 1.0"),
+        (IMLEOptions, {"force_after": 0}, "targets.options.force_after: expected an integer >= 1, got 0"),
+    ],
+)
 def test_bad_search_options_are_refused_by_the_schema(options, bad, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(options, bad, "targets.options")
@@ -146,15 +162,29 @@ def test_bad_search_options_are_refused_by_the_schema(options, bad, message):
 
 @pytest.mark.parametrize("space", ["downsample", "projection"])
 def test_reduced_spaces_have_the_configured_size(tiny_config, space):
-    run = build_run(tiny_config(f"targets.options.space={space}", "targets.options.downsample_to=4",
-                                "targets.options.projection_dim=10", targets="nearest"))
+    run = build_run(
+        tiny_config(
+            f"targets.options.space={space}",
+            "targets.options.downsample_to=4",
+            "targets.options.projection_dim=10",
+            targets="nearest",
+        )
+    )
     assert run.source.index.dim == {"downsample": 16, "projection": 10}[space]
 
 
 def test_imle_on_toy2d_brings_samples_closer_to_the_data(tiny_config, tmp_path):
-    config = tiny_config("data.name=toy2d", "data.mixture=grid25", "data.num_points=500", "train.batch_size=100",
-                         "train.steps=100", "targets.options.staleness=1", "targets.options.samples_factor=4",
-                         "regression.lr=0.002", targets="imle")
+    config = tiny_config(
+        "data.name=toy2d",
+        "data.mixture=grid25",
+        "data.num_points=500",
+        "train.batch_size=100",
+        "train.steps=100",
+        "targets.options.staleness=1",
+        "targets.options.samples_factor=4",
+        "regression.lr=0.002",
+        targets="imle",
+    )
     run = train(config, plan_run_dir(config, False), progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = log[0]["match_distance"], log[-1]["match_distance"]
@@ -166,9 +196,20 @@ def test_imle_on_toy2d_brings_samples_closer_to_the_data(tiny_config, tmp_path):
 @pytest.mark.parametrize("targets", ["imle", "nearest"])
 @pytest.mark.parametrize("data", [[], ["--set", "data.name=toy2d", "--set", "data.num_points=300"]])
 def test_cli_trains_imle_and_nearest_out_of_the_box(tmp_path, targets, data):
-    code, out, err = run_cli("train", "--targets", targets, "--steps", "3", "--set", "train.out_dir=" + str(tmp_path),
-                             "--set", "train.batch_size=64", "--set", "targets.options.samples_factor=2" if targets == "imle"
-                             else "targets.options.k=1", *data)
+    code, out, err = run_cli(
+        "train",
+        "--targets",
+        targets,
+        "--steps",
+        "3",
+        "--set",
+        "train.out_dir=" + str(tmp_path),
+        "--set",
+        "train.batch_size=64",
+        "--set",
+        "targets.options.samples_factor=2" if targets == "imle" else "targets.options.k=1",
+        *data,
+    )
     assert code == 0, err
     run_dir = tmp_path / f"{'toy2d' if data else 'digits'}-{targets}"
     assert (run_dir / "checkpoints" / "last.pt").exists()

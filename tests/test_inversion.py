@@ -26,8 +26,13 @@ class LinearCritic(nn.Module):
 
 def source_with(options, w):
     context = TrainingContext(
-        generator=nn.Identity(), sample_latents=lambda n: torch.zeros(n), dataset=None, image_shape=(1, 2, 2),
-        device=torch.device("cpu"), total_steps=10, make_discriminator=lambda sigmoid: LinearCritic(w),
+        generator=nn.Identity(),
+        sample_latents=lambda n: torch.zeros(n),
+        dataset=None,
+        image_shape=(1, 2, 2),
+        device=torch.device("cpu"),
+        total_steps=10,
+        make_discriminator=lambda sigmoid: LinearCritic(w),
     )
     return DiscriminatorInversion(options, context)
 
@@ -56,8 +61,20 @@ def test_normalized_step_moves_each_sample_exactly_lambda1_over_n1_per_step(scal
 def test_mixed_step_is_the_gradient_step_cut_to_lambda1_over_n1():
     w = torch.tensor([1.0, -2.0, 0.5, 0.0])
     x0 = torch.zeros(4, 1, 2, 2)
-    mixed = lambda w: source_with(InversionOptions(lambda1=0.8, steps=4, step_rule="mixed", discrepancy="wasserstein",  # noqa: E731
-                                                   d_loss="hinge"), w).inverse_examples(x0, 0)[0].flatten(1)
+    mixed = lambda w: (
+        source_with(
+            InversionOptions(
+                lambda1=0.8,
+                steps=4,
+                step_rule="mixed",
+                discrepancy="wasserstein",  # noqa: E731
+                d_loss="hinge",
+            ),
+            w,
+        )
+        .inverse_examples(x0, 0)[0]
+        .flatten(1)
+    )
     # a short gradient step (0.2 · ‖w‖ / 4 = 0.11 < 0.2) is kept as it is ...
     assert torch.allclose(mixed(w), (0.8 * w / 4).expand(4, 4))
     # ... a long one (0.2 · 100 ‖w‖ / 4 = 11 > 0.2) is cut to 0.2 per step
@@ -87,33 +104,50 @@ def test_clamp_and_regularizers_shape_the_targets():
     assert plain.inverse_examples(x0, 0)[0].abs().max() == 50.0
     assert clamped.inverse_examples(x0, 0)[0].abs().max() == 1.0
     # proximity: with x = x0 its gradient vanishes at the first step, so use two steps
-    near = source_with(InversionOptions(lambda1=1.0, steps=2, discrepancy="wasserstein", d_loss="hinge",
-                                        regularizers={"proximity": 1.0}), w)
+    near = source_with(
+        InversionOptions(
+            lambda1=1.0, steps=2, discrepancy="wasserstein", d_loss="hinge", regularizers={"proximity": 1.0}
+        ),
+        w,
+    )
     assert near.inverse_examples(x0, 0)[0].abs().max() < plain.inverse_examples(x0, 0)[0].abs().max()
-    tv = source_with(InversionOptions(lambda1=1.0, steps=2, discrepancy="wasserstein", d_loss="hinge",
-                                      regularizers={"tv": 10.0}), w)
+    tv = source_with(
+        InversionOptions(lambda1=1.0, steps=2, discrepancy="wasserstein", d_loss="hinge", regularizers={"tv": 10.0}), w
+    )
     x_tv, x_plain = tv.inverse_examples(x0, 0)[0], plain.inverse_examples(x0, 0)[0]
     jump = lambda x: (x[:, :, 0, 0] - x[:, :, 0, 1]).abs().max()  # noqa: E731
     assert jump(x_plain) == 100.0 and jump(x_tv) < 95.0  # TV smooths the edge
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"lambda1": 0.0}, r"targets.options.lambda1: expected a number > 0, got 0.0"),
-    ({"steps": 0}, r"targets.options.steps: expected an integer >= 1, got 0"),
-    ({"step_rule": "unit"}, r"targets.options.step_rule: expected one of 'gradient', 'normalized', 'mixed', got 'unit'"),
-    ({"d_lr": -1}, r"targets.options.d_lr: expected a number > 0, got -1.0"),
-    ({"d_betas": [0.5, 1.5]}, r"targets.options.d_betas\[1\]: expected a number in \[0, 1\), got 1.5"),
-    ({"regularizers": {"tv": -0.1}}, r"targets.options.regularizers.tv: expected a number >= 0, got -0.1"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"lambda1": 0.0}, r"targets.options.lambda1: expected a number > 0, got 0.0"),
+        ({"steps": 0}, r"targets.options.steps: expected an integer >= 1, got 0"),
+        (
+            {"step_rule": "unit"},
+            r"targets.options.step_rule: expected one of 'gradient', 'normalized', 'mixed', got 'unit'",
+        ),
+        ({"d_lr": -1}, r"targets.options.d_lr: expected a number > 0, got -1.0"),
+        ({"d_betas": [0.5, 1.5]}, r"targets.options.d_betas\[1\]: expected a number in \[0, 1\), got 1.5"),
+        ({"regularizers": {"tv": -0.1}}, r"targets.options.regularizers.tv: expected a number >= 0, got -0.1"),
+    ],
+)
 def test_bad_options_are_refused_by_the_schema(bad, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(InversionOptions, bad, "targets.options")
 
 
-@pytest.mark.parametrize("d_loss, discrepancy", [("bce", "bce"), ("lsgan", "l2"), ("hinge", "hinge"), ("wgan-gp", "wasserstein")])
+@pytest.mark.parametrize(
+    "d_loss, discrepancy", [("bce", "bce"), ("lsgan", "l2"), ("hinge", "hinge"), ("wgan-gp", "wasserstein")]
+)
 def test_every_discriminator_loss_trains_and_moves_samples_towards_real(tiny_config, d_loss, discrepancy):
-    config = tiny_config("train.steps=3", f"targets.options.d_loss={d_loss}",
-                         f"targets.options.discrepancy={discrepancy}", "targets.options.regularizers={tv: 0.001, range: 1.0}")
+    config = tiny_config(
+        "train.steps=3",
+        f"targets.options.d_loss={d_loss}",
+        f"targets.options.discrepancy={discrepancy}",
+        "targets.options.regularizers={tv: 0.001, range: 1.0}",
+    )
     run_dir = plan_run_dir(config, False)
     run = train(config, run_dir, progress=False)
     stats = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -157,8 +191,11 @@ def test_d_steps_updates_the_discriminator_that_often_per_step(tiny_config, targ
 
 
 def test_d_steps_needs_a_source_with_an_update_phase(tiny_config):
-    with pytest.raises(ConfigError, match=r"targets.d_steps: 2 needs a source with an update phase; 'nearest' trains "
-                                          r"nothing of its own there \(use 1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"targets.d_steps: 2 needs a source with an update phase; 'nearest' trains "
+        r"nothing of its own there \(use 1\)",
+    ):
         build_run(tiny_config("targets.d_steps=2", targets="nearest"))
 
 
@@ -167,7 +204,7 @@ def test_a_version_1_source_still_trains(tiny_config):
     from dataclasses import dataclass
 
     from targetgen import TargetGenerator, Targets
-    from targetgen.training.trainer import Decomposed
+    from targetgen.training.decomposed import Decomposed
 
     @dataclass
     class NoOptions:
@@ -184,7 +221,9 @@ def test_a_version_1_source_still_trains(tiny_config):
 
     run = build_run(tiny_config("train.steps=2"))
     before = [p.clone() for p in run.generator.parameters()]
-    strategy = Decomposed(VersionOne(NoOptions(), run.source.context), run.strategy.regression, run.strategy.sample_latents)
+    strategy = Decomposed(
+        VersionOne(NoOptions(), run.source.context), run.strategy.regression, run.strategy.sample_latents
+    )
     stats = strategy.step(Batch(run.data.dataset.images[:8], torch.arange(8)), 0, log=True)
     assert VersionOne.proposals == 1 and stats["target_reach"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, run.generator.parameters(), strict=True))

@@ -18,8 +18,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from targetgen.training.rundir import read_metrics
 
 STEPS = 150
@@ -35,8 +35,23 @@ TIMING = ("images_per_s", "train_s")  # wall-clock figures differ between runs b
 
 def command(out, name, targets, *extra):
     sets = [*TINY, "train.checkpoint_every=3", "train.log_every=1", *EXTRA[targets]]
-    return [sys.executable, "-m", "targetgen.cli", "train", "--targets", targets, "--steps", str(STEPS),
-            "--out-dir", str(out), "--name", name, "--no-progress", *[a for s in sets for a in ("--set", s)], *extra]
+    return [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "train",
+        "--targets",
+        targets,
+        "--steps",
+        str(STEPS),
+        "--out-dir",
+        str(out),
+        "--name",
+        name,
+        "--no-progress",
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
 
 
 def logged(run_dir):
@@ -102,6 +117,8 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, targets
     for key in ("step", "epoch", "batch", "images"):
         assert expected[key] == resumed[key], key
     records = [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir / "metrics.jsonl")]
-    assert records == [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert records == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    ]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]  # no orphan left

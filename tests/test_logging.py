@@ -69,8 +69,14 @@ def test_keep_checkpoints_keeps_the_last_n(tiny_config):
 
 
 def test_best_checkpoint_by_an_evaluation_metric(tiny_config):
-    config = tiny_config("train.steps=12", "train.checkpoint_every=3", "evaluation.every=3", "evaluation.n=64",
-                         "train.best_metric=fid_digits", targets="standard")
+    config = tiny_config(
+        "train.steps=12",
+        "train.checkpoint_every=3",
+        "evaluation.every=3",
+        "evaluation.n=64",
+        "train.best_metric=fid_digits",
+        targets="standard",
+    )
     run_dir = plan_run_dir(config)
     train(config, run_dir, progress=False)
     evaluations = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/fid_digits" in r]
@@ -80,11 +86,16 @@ def test_best_checkpoint_by_an_evaluation_metric(tiny_config):
     assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
 
 
-@pytest.mark.parametrize("settings, message", [
-    (["train.best_metric=fid_digits"], "train.best_metric: needs in-run evaluation; set evaluation.every"),
-    (["train.best_metric=fid", "evaluation.every=2", "evaluation.n=64"],
-     "train.best_metric: 'fid' is not among the evaluated metrics"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["train.best_metric=fid_digits"], "train.best_metric: needs in-run evaluation; set evaluation.every"),
+        (
+            ["train.best_metric=fid", "evaluation.every=2", "evaluation.n=64"],
+            "train.best_metric: 'fid' is not among the evaluated metrics",
+        ),
+    ],
+)
 def test_best_metric_must_be_evaluated(tiny_config, settings, message):
     config = tiny_config("train.steps=4", *settings, targets="standard")
     with pytest.raises(ConfigError, match=message):

@@ -9,19 +9,24 @@ from targetgen import Batch
 from targetgen.plugins.mix import split_sizes
 from targetgen.training import build_run, plan_run_dir, train
 
-SOURCES = ("targets.options.sources=[{name: inversion, weight: 0.7, options: {lambda1: 0.25}}, "
-           "{name: imle, weight: 0.3, options: {staleness: 1, samples_factor: 2, jitter: 0}}]")
+SOURCES = (
+    "targets.options.sources=[{name: inversion, weight: 0.7, options: {lambda1: 0.25}}, "
+    "{name: imle, weight: 0.3, options: {staleness: 1, samples_factor: 2, jitter: 0}}]"
+)
 
 
-@pytest.mark.parametrize("total, weights, sizes", [
-    (10, [0.7, 0.3], [7, 3]),
-    (32, [0.7, 0.3], [22, 10]),  # 22.4 and 9.6: the larger remainder gets the last sample
-    (5, [1, 1, 1], [2, 2, 1]),  # equal remainders: the first listed first
-    (3, [0.98, 0.01, 0.01], [1, 1, 1]),  # every member at least one sample ...
-    (10, [0.98, 0.01, 0.01], [8, 1, 1]),  # ... taken from the largest surplus
-    (2, [0.98, 0.01, 0.01], [2, 0, 0]),  # ... while there are enough samples
-    (4, [1, 0, 1], [2, 0, 2]),  # weight 0: no share
-])
+@pytest.mark.parametrize(
+    "total, weights, sizes",
+    [
+        (10, [0.7, 0.3], [7, 3]),
+        (32, [0.7, 0.3], [22, 10]),  # 22.4 and 9.6: the larger remainder gets the last sample
+        (5, [1, 1, 1], [2, 2, 1]),  # equal remainders: the first listed first
+        (3, [0.98, 0.01, 0.01], [1, 1, 1]),  # every member at least one sample ...
+        (10, [0.98, 0.01, 0.01], [8, 1, 1]),  # ... taken from the largest surplus
+        (2, [0.98, 0.01, 0.01], [2, 0, 0]),  # ... while there are enough samples
+        (4, [1, 0, 1], [2, 0, 2]),  # weight 0: no share
+    ],
+)
 def test_split_sizes(total, weights, sizes):
     assert split_sizes(total, weights) == sizes
 
@@ -55,8 +60,14 @@ def test_split_gives_each_member_its_share_of_real_and_generated_samples(tiny_co
 
 
 def test_alternate_follows_the_weights_by_largest_deficit(tiny_config):
-    run = build_run(tiny_config("targets.options.mode=alternate", "targets.options.sources=[{name: inversion, weight: 1}, "
-                                "{name: imle, weight: 2}, {name: nearest, weight: 0}]", targets="mix"))
+    run = build_run(
+        tiny_config(
+            "targets.options.mode=alternate",
+            "targets.options.sources=[{name: inversion, weight: 1}, "
+            "{name: imle, weight: 2}, {name: nearest, weight: 0}]",
+            targets="mix",
+        )
+    )
     mix = run.source
     order = [mix.members.index(mix.active(step)) for step in range(9)]
     assert order == [1, 0, 1, 1, 0, 1, 1, 0, 1]
@@ -66,8 +77,14 @@ def test_alternate_follows_the_weights_by_largest_deficit(tiny_config):
         assert all(abs(c - (n + 1) * share) < 1 for c, share in zip(counts, mix.shares))
     assert counts[2] == 0  # weight 0: never
     # a function of the step alone: a resumed run asks for step 999 first and gets the same member
-    fresh = build_run(tiny_config("targets.options.mode=alternate", "targets.options.sources=[{name: inversion, weight: 1}, "
-                                  "{name: imle, weight: 2}, {name: nearest, weight: 0}]", targets="mix")).source
+    fresh = build_run(
+        tiny_config(
+            "targets.options.mode=alternate",
+            "targets.options.sources=[{name: inversion, weight: 1}, "
+            "{name: imle, weight: 2}, {name: nearest, weight: 0}]",
+            targets="mix",
+        )
+    ).source
     assert fresh.members.index(fresh.active(999)) == mix.members.index(mix.active(999))
 
 
@@ -80,8 +97,13 @@ def test_alternate_runs_one_member_per_step(tiny_config, tmp_path):
 
 
 def test_members_keep_their_state_under_their_labels(tiny_config):
-    run = build_run(tiny_config("targets.options.sources=[{name: inversion, label: strong, options: {lambda1: 2}}, "
-                                "{name: inversion, options: {lambda1: 0.1}}, {name: imle}]", targets="mix"))
+    run = build_run(
+        tiny_config(
+            "targets.options.sources=[{name: inversion, label: strong, options: {lambda1: 2}}, "
+            "{name: inversion, options: {lambda1: 0.1}}, {name: imle}]",
+            targets="mix",
+        )
+    )
     mix = run.source
     assert [m.label for m in mix.members] == ["strong", "inversion_1", "imle"]
     assert [m.source.options.lambda1 for m in mix.members[:2]] == [2.0, 0.1]

@@ -3,11 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from targetgen.config import Activation, ModelConfig, load_config
 from targetgen.errors import ConfigError
-from torch import nn
-
 from targetgen.models import (
     ACTIVATIONS,
     Discriminator,
@@ -139,8 +138,9 @@ def test_default_mlps_are_the_networks_targetgen_always_had():
     # Same layers in the same order, so the same seed gives the same weights and old checkpoints load.
     torch.manual_seed(3)
     expected_g = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
-    expected_d = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.2), nn.Linear(128, 128), nn.LeakyReLU(0.2),
-                               nn.Linear(128, 1), nn.Sigmoid())
+    expected_d = nn.Sequential(
+        nn.Linear(2, 128), nn.LeakyReLU(0.2), nn.Linear(128, 128), nn.LeakyReLU(0.2), nn.Linear(128, 1), nn.Sigmoid()
+    )
     torch.manual_seed(3)
     g = build_generator((2,), ModelConfig(nz=8))
     d = build_discriminator((2,), ModelConfig(nz=8))
@@ -211,13 +211,19 @@ def test_generator_depth_width_and_activation(activation):
     assert g(torch.randn(5, 3)).shape == (5, 2)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.g_activation=swish", "model.g_activation: expected one of 'relu', 'leaky_relu', 'tanh', 'elu', got 'swish'"),
-    ("model.d_maxout=1", "model.d_maxout: expected an integer >= 2, got 1"),
-    ("model.g_depth=0", "model.g_depth: expected an integer >= 1, got 0"),
-    ("model.d_width=0", "model.d_width: expected an integer >= 1, got 0"),
-    ("model.init_std=0", "model.init_std: expected a number > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.g_activation=swish",
+            "model.g_activation: expected one of 'relu', 'leaky_relu', 'tanh', 'elu', got 'swish'",
+        ),
+        ("model.d_maxout=1", "model.d_maxout: expected an integer >= 2, got 1"),
+        ("model.g_depth=0", "model.g_depth: expected an integer >= 1, got 0"),
+        ("model.d_width=0", "model.d_width: expected an integer >= 1, got 0"),
+        ("model.init_std=0", "model.init_std: expected a number > 0, got 0.0"),
+    ],
+)
 def test_bad_model_settings_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["data.name=toy2d", override])

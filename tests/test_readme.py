@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +50,15 @@ def reduced(command: str) -> list[str]:
                 args[args.index(option) + 1] = value
             else:
                 args += [option, value]
-        args += ["--set", "train.steps=2", "--set", "evaluation.every=2", "--set", "train.loggers=jsonl", "--no-progress"]
+        args += [
+            "--set",
+            "train.steps=2",
+            "--set",
+            "evaluation.every=2",
+            "--set",
+            "train.loggers=jsonl",
+            "--no-progress",
+        ]
     if args[0] == "train":
         args += ["--no-progress"]
     if args[0] == "evaluate":
@@ -68,6 +75,7 @@ def test_the_readme_has_the_commands_this_test_runs():
 @pytest.mark.slow
 def test_every_readme_command_runs_in_order(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "experiments", tmp_path / "experiments")
     monkeypatch.chdir(tmp_path)
     ran = []
     for command in readme_commands():

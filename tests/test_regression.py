@@ -140,28 +140,37 @@ def test_ema_copy_follows_the_generator():
     assert e.sampling_generator().weight.item() == pytest.approx(0.5 * 1.0 + 0.5 * 3.0)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("lr", -1.0, "regression.lr: expected a number > 0, got -1.0"),
-    ("steps", 0, "regression.steps: expected an integer >= 1, got 0"),
-    ("loss", {}, "regression.loss: give at least one loss"),
-    ("loss", {"l2": -1}, "regression.loss.l2: expected a number >= 0, got -1.0"),
-    ("ema", 1.5, r"regression.ema: expected a number in \(0, 1\), got 1.5"),
-    ("betas", [2, 3], r"regression.betas\[0\]: expected a number in \[0, 1\), got 2.0"),
-    ("until_reach", 0.0, r"regression.until_reach: expected a number in \(0, 1\], got 0.0"),
-    ("until_reach", 1.5, r"regression.until_reach: expected a number in \(0, 1\], got 1.5"),
-    ("max_steps", 0, "regression.max_steps: expected an integer >= 1, got 0"),
-    ("replay", 0, "regression.replay: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", -1.0, "regression.lr: expected a number > 0, got -1.0"),
+        ("steps", 0, "regression.steps: expected an integer >= 1, got 0"),
+        ("loss", {}, "regression.loss: give at least one loss"),
+        ("loss", {"l2": -1}, "regression.loss.l2: expected a number >= 0, got -1.0"),
+        ("ema", 1.5, r"regression.ema: expected a number in \(0, 1\), got 1.5"),
+        ("betas", [2, 3], r"regression.betas\[0\]: expected a number in \[0, 1\), got 2.0"),
+        ("until_reach", 0.0, r"regression.until_reach: expected a number in \(0, 1\], got 0.0"),
+        ("until_reach", 1.5, r"regression.until_reach: expected a number in \(0, 1\], got 1.5"),
+        ("max_steps", 0, "regression.max_steps: expected an integer >= 1, got 0"),
+        ("replay", 0, "regression.replay: expected an integer >= 1, got 0"),
+    ],
+)
 def test_bad_regression_settings(key, value, message):
     with pytest.raises(ConfigError, match=message):
         engine(nn.Linear(1, 1), **{key: value})
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"replay": 4}, r"regression.replay: 4 does nothing with one regression step per training step \(replay serves "
-                    r"the steps after the first\); set regression.steps > 1 or regression.until_reach"),
-    ({"until_reach": 0.5, "steps": 5, "max_steps": 3}, r"regression.max_steps: 3 is below regression.steps \(5\)"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"replay": 4},
+            r"regression.replay: 4 does nothing with one regression step per training step \(replay serves "
+            r"the steps after the first\); set regression.steps > 1 or regression.until_reach",
+        ),
+        ({"until_reach": 0.5, "steps": 5, "max_steps": 3}, r"regression.max_steps: 3 is below regression.steps \(5\)"),
+    ],
+)
 def test_settings_that_cannot_work_together(settings, message):
     with pytest.raises(ConfigError, match=message):
         engine(nn.Linear(1, 1), **settings)

@@ -1,6 +1,7 @@
 """Never lose work: safe run names and --overwrite, resume that refuses what it cannot do,
 the divergence guard for every strategy, torn logs, the lock, and checkpoints that do not fit."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import run_cli
 from conftest import TINY
+
 from targetgen.errors import CheckpointError, DivergenceError, RunDirectoryError
 from targetgen.training import CHECKPOINT, config_of_run, plan_run_dir, train
 from targetgen.training.checkpoint import load_checkpoint
@@ -27,8 +28,18 @@ def cli_train(tmp_path, *args):
 
 
 def made_run(tmp_path, name="r", steps=2, *args):
-    code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", str(steps), "--name", name,
-                             "--set", "train.checkpoint_every=1", *args)
+    code, _, err = cli_train(
+        tmp_path,
+        "--targets",
+        "standard",
+        "--steps",
+        str(steps),
+        "--name",
+        name,
+        "--set",
+        "train.checkpoint_every=1",
+        *args,
+    )
     assert code == 0, err
     return tmp_path / "runs" / name
 
@@ -46,8 +57,10 @@ def test_a_run_name_is_one_folder_name(tmp_path, name):
     before = snapshot(tmp_path)
     code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", "1", "--name", name, "--overwrite")
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines() == [f"error: train.name: expected one folder name (no '/', not '.' or '..', not an "
-                                        f"absolute path), got {name!r}; use --out-dir to choose where run directories go"]
+    assert err.strip().splitlines() == [
+        f"error: train.name: expected one folder name (no '/', not '.' or '..', not an "
+        f"absolute path), got {name!r}; use --out-dir to choose where run directories go"
+    ]
     assert snapshot(tmp_path) == before and (keep / CHECKPOINT).is_file()
 
 
@@ -75,7 +88,9 @@ def test_a_bad_value_with_overwrite_deletes_nothing(tmp_path):
     run_dir = made_run(tmp_path)
     before = snapshot(run_dir)
     for bad in ("regression.lr=-1", "targets.options.d_lr=-1", "model.ngf=0", "train.batch_size=5000"):
-        code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", "1", "--name", "r", "--overwrite", "--set", bad)
+        code, _, err = cli_train(
+            tmp_path, "--targets", "standard", "--steps", "1", "--name", "r", "--overwrite", "--set", bad
+        )
         assert code == 2 and "Traceback" not in err, err
         assert snapshot(run_dir) == before
         assert load_checkpoint(run_dir / CHECKPOINT)["step"] == 2
@@ -91,17 +106,29 @@ def test_overwrite_replaces_a_run_only_once_everything_is_built(tmp_path):
 
 
 def test_a_failed_validation_leaves_no_directory(tmp_path):
-    code, _, err = cli_train(tmp_path, "--targets", "standard", "--name", "new", "--set", "data.name=folder",
-                             "--set", f"data.path={tmp_path}/missing")
+    code, _, err = cli_train(
+        tmp_path,
+        "--targets",
+        "standard",
+        "--name",
+        "new",
+        "--set",
+        "data.name=folder",
+        "--set",
+        f"data.path={tmp_path}/missing",
+    )
     assert code == 2 and "does not exist" in err
     assert not (tmp_path / "runs" / "new").exists()
 
 
 def test_out_dir_that_is_a_file_or_read_only_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
-    code, _, err = run_cli("train", "--out-dir", str(tmp_path / "file"), "--targets", "standard", "--steps", "1", *TINY_CLI)
-    assert code == 2 and err.strip().splitlines() == [f"error: --out-dir {tmp_path / 'file'} is a file, not a folder; "
-                                                      "choose a folder for run directories"]
+    code, _, err = run_cli(
+        "train", "--out-dir", str(tmp_path / "file"), "--targets", "standard", "--steps", "1", *TINY_CLI
+    )
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --out-dir {tmp_path / 'file'} is a file, not a folder; choose a folder for run directories"
+    ]
 
 
 def test_a_read_only_out_dir_is_one_line(tmp_path, monkeypatch):
@@ -117,7 +144,9 @@ def test_a_read_only_out_dir_is_one_line(tmp_path, monkeypatch):
             return real_mkdir(self, *args, **kwargs)
 
         monkeypatch.setattr(Path, "mkdir", refused)
-    code, _, err = run_cli("train", "--out-dir", str(read_only / "runs"), "--targets", "standard", "--steps", "1", *TINY_CLI)
+    code, _, err = run_cli(
+        "train", "--out-dir", str(read_only / "runs"), "--targets", "standard", "--steps", "1", *TINY_CLI
+    )
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot create the run directory {read_only / 'runs'}")
@@ -141,8 +170,9 @@ def test_resume_cannot_shorten_a_run(tmp_path):
     config = (run_dir / "config.yaml").read_text()
     code, _, err = run_cli("train", "--resume", str(run_dir), "--steps", "2", "--no-progress")
     assert code == 2
-    assert err.strip() == ("error: train.steps: 2 gives 2 steps, fewer than the checkpoint's 4; "
-                           "a resumed run can only be extended")
+    assert err.strip() == (
+        "error: train.steps: 2 gives 2 steps, fewer than the checkpoint's 4; a resumed run can only be extended"
+    )
     assert (run_dir / "config.yaml").read_text() == config
 
 
@@ -213,8 +243,10 @@ def test_a_malicious_checkpoint_never_runs(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"format": 2, "payload": Evil()}, run_dir / CHECKPOINT)
-    for command in (["sample", str(run_dir), "--out", str(tmp_path / "s.png")],
-                    ["train", "--resume", str(run_dir), "--steps", "3", "--no-progress"]):
+    for command in (
+        ["sample", str(run_dir), "--out", str(tmp_path / "s.png")],
+        ["train", "--resume", str(run_dir), "--steps", "3", "--no-progress"],
+    ):
         code, _, err = run_cli(*command)
         assert code == 2 and "which targetgen never unpickles" in err and "weights_only" not in err, err
     assert not marker.exists()
@@ -231,11 +263,17 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_config, monk
     def fills_the_disk(obj, f):
         calls.append(obj["step"])
         if obj["step"] == 4:
-            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: file "
+                "write failed"
+            )
         real_save(obj, f)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", fills_the_disk)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.pt \(\[enforce fail.*\); the previous checkpoint is intact"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot write checkpoint .*last.pt \(\[enforce fail.*\); the previous checkpoint is intact",
+    ):
         train(config, run_dir, progress=False)
     assert load_checkpoint(run_dir / CHECKPOINT)["step"] == 2
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.pt"]
@@ -252,18 +290,33 @@ def all_finite(state):
     return True
 
 
-@pytest.mark.parametrize("targets, setting", [
-    ("standard", "targets.options.g_lr=1e30"),
-    ("standard", "targets.options.d_lr=1e30"),
-    ("inversion", "targets.options.d_lr=1e30"),
-    ("inversion", "regression.lr=1e30"),
-    ("imle", "regression.lr=1e30"),
-    ("nearest", "regression.lr=1e30"),
-])
+@pytest.mark.parametrize(
+    "targets, setting",
+    [
+        ("standard", "targets.options.g_lr=1e30"),
+        ("standard", "targets.options.d_lr=1e30"),
+        ("inversion", "targets.options.d_lr=1e30"),
+        ("inversion", "regression.lr=1e30"),
+        ("imle", "regression.lr=1e30"),
+        ("nearest", "regression.lr=1e30"),
+    ],
+)
 def test_divergence_stops_in_one_line_and_every_checkpoint_is_finite(tmp_path, targets, setting):
-    code, _, err = cli_train(tmp_path, "--targets", targets, "--steps", "30", "--name", "boom", "--set", setting,
-                             "--set", "train.checkpoint_every=1", "--set", "targets.options.samples_factor=1"
-                             if targets == "imle" else "train.log_every=1")
+    code, _, err = cli_train(
+        tmp_path,
+        "--targets",
+        targets,
+        "--steps",
+        "30",
+        "--name",
+        "boom",
+        "--set",
+        setting,
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "targets.options.samples_factor=1" if targets == "imle" else "train.log_every=1",
+    )
     assert code == 2 and "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), err
@@ -290,8 +343,11 @@ def test_divergence_in_a_network_output_names_it(tiny_config, monkeypatch):
 
     poisoned.calls = 0
     monkeypatch.setattr(DiscriminatorInversion, "update_discriminator", poisoned)
-    with pytest.raises(DivergenceError, match=r"^training diverged at step 3: D\(x\) is not finite; the last checkpoint "
-                                              r"\(.*, step 2\) is finite and kept$"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"^training diverged at step 3: D\(x\) is not finite; the last checkpoint "
+        r"\(.*, step 2\) is finite and kept$",
+    ):
         train(config, plan_run_dir(config), progress=False)
 
 
@@ -300,16 +356,30 @@ def test_divergence_in_a_network_output_names_it(tiny_config, monkeypatch):
 
 def test_the_lock_refuses_a_second_process_and_is_free_once_it_is_gone(tmp_path):
     folder = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from targetgen.training.rundir import run_lock\n"
-        f"with run_lock(Path({str(folder)!r}), 'targetgen train'):\n"
-        "    print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from targetgen.training.rundir import run_lock\n"
+                f"with run_lock(Path({str(folder)!r}), 'targetgen train'):\n"
+                "    print('locked', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunDirectoryError, match=rf"{folder} is in use by process {holder.pid} on .* \(targetgen "
-                                                    r"train, started .*\); wait for it to finish or stop it"):
-            with run_lock(folder):
-                pass
+        with (
+            pytest.raises(
+                RunDirectoryError,
+                match=rf"{folder} is in use by process {holder.pid} on .* \(targetgen "
+                r"train, started .*\); wait for it to finish or stop it",
+            ),
+            run_lock(folder),
+        ):
+            pass
     finally:
         holder.kill()  # kill -9: the kernel releases the lock with the process
         holder.wait()
@@ -330,8 +400,24 @@ def interrupt(process: subprocess.Popen) -> str:
 
 def test_two_trainings_into_one_run_directory(tmp_path):
     """The second of two processes is refused, with --overwrite too; the first trains on undisturbed."""
-    command = [sys.executable, "-m", "targetgen.cli", "train", "--targets", "standard", "--steps", "100000",
-               "--out-dir", str(tmp_path), "--name", "same", "--no-progress", *TINY_CLI, "--set", "train.checkpoint_every=5"]
+    command = [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "train",
+        "--targets",
+        "standard",
+        "--steps",
+        "100000",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "same",
+        "--no-progress",
+        *TINY_CLI,
+        "--set",
+        "train.checkpoint_every=5",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -340,13 +426,15 @@ def test_two_trainings_into_one_run_directory(tmp_path):
         for extra in ([], ["--overwrite"]):
             second = subprocess.run([*command, *extra], capture_output=True, text=True, env=env, timeout=120)
             assert second.returncode == 2, second.stderr
-            assert f"is in use by process {first.pid} on " in second.stderr and "(targetgen train, started" in second.stderr
+            assert (
+                f"is in use by process {first.pid} on " in second.stderr
+                and "(targetgen train, started" in second.stderr
+            )
         assert first.poll() is None
     finally:
         interrupt(first)
     steps = [r["step"] for r in read_metrics(tmp_path / "same" / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 5
-
 
 
 def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_training(tmp_path):
@@ -357,13 +445,13 @@ def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_training(tmp_path):
 
     class SwallowsCtrlC:  # what Python does to an exception raised in __del__
         def __del__(self):
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 signal.raise_signal(signal.SIGINT)
-            except KeyboardInterrupt:
-                pass
 
     previous = signal.getsignal(signal.SIGINT)
-    config = load_config(None, [*TINY, "train.steps=50", f"train.out_dir={tmp_path}", "train.name=swallowed"], "standard")
+    config = load_config(
+        None, [*TINY, "train.steps=50", f"train.out_dir={tmp_path}", "train.name=swallowed"], "standard"
+    )
     with pytest.MonkeyPatch.context() as patch:
         real_check = trainer._check_step
 
@@ -380,10 +468,27 @@ def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_training(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
-    command = [sys.executable, "-m", "targetgen.cli", "train", "--targets", "standard", "--steps", "100000",
-               "--out-dir", str(tmp_path), "--name", "long", "--no-progress", *TINY_CLI, "--set", "train.checkpoint_every=5"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "train",
+        "--targets",
+        "standard",
+        "--steps",
+        "100000",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "long",
+        "--no-progress",
+        *TINY_CLI,
+        "--set",
+        "train.checkpoint_every=5",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     while not (tmp_path / "long" / CHECKPOINT).exists() and process.poll() is None:
         time.sleep(0.05)
     err = interrupt(process)
@@ -403,8 +508,23 @@ def test_sampling_a_run_needs_no_training_data(tmp_path):
     images.mkdir()
     for i in range(12):
         Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(images / f"{i}.png")
-    code, _, err = cli_train(tmp_path, "--name", "folder", "--steps", "2", "--batch-size", "4", "--set", "data.name=folder",
-                             "--set", f"data.path={images}", "--set", "data.channels=3", "--set", "regression.ema=0.5")
+    code, _, err = cli_train(
+        tmp_path,
+        "--name",
+        "folder",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--set",
+        "data.name=folder",
+        "--set",
+        f"data.path={images}",
+        "--set",
+        "data.channels=3",
+        "--set",
+        "regression.ema=0.5",
+    )
     assert code == 0, err
     images.rename(tmp_path / "moved")
     code, _, err = run_cli("sample", str(tmp_path / "runs" / "folder"), "--n", "4", "--out", str(tmp_path / "s.png"))
@@ -428,8 +548,18 @@ def test_the_sampled_generator_is_the_runs_sampling_generator(tiny_config):
 
 def test_two_comparisons_in_one_folder(tmp_path):
     out = tmp_path / "cmp"
-    command = [sys.executable, "-m", "targetgen.cli", "compare", "--out", str(out), "--targets", "standard",
-               "--no-progress", *[a for o in [*TINY, "train.steps=100000"] for a in ("--set", o)]]
+    command = [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "compare",
+        "--out",
+        str(out),
+        "--targets",
+        "standard",
+        "--no-progress",
+        *[a for o in [*TINY, "train.steps=100000"] for a in ("--set", o)],
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -440,16 +570,24 @@ def test_two_comparisons_in_one_folder(tmp_path):
         assert second.stderr.strip().splitlines() == [
             f"error: {out} is in use by process {first.pid} on {json.loads((out / '.lock').read_text())['host']} "
             f"(targetgen compare, started {json.loads((out / '.lock').read_text())['started']}); "
-            "wait for it to finish or stop it"]
+            "wait for it to finish or stop it"
+        ]
     finally:
         interrupt(first)
 
 
 def test_the_command_line_is_checked_before_torch_is_imported():
     """`targetgen --help` and config validation do not wait for torch (seconds on a cold start)."""
-    probe = ("import sys; from targetgen.cli import main; from targetgen.config import load_config; "
-             "from targetgen.training.rundir import planned_run_dir; load_config('configs/digits.yaml'); "
-             "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parents[1])
+    probe = (
+        "import sys; from targetgen.cli import main; from targetgen.config import load_config; "
+        "from targetgen.training.rundir import planned_run_dir; load_config('configs/digits.yaml'); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.stdout.strip() == "False", result.stderr

@@ -11,9 +11,9 @@ from targetgen.errors import CheckpointError, DivergenceError, RunDirectoryError
 from targetgen.training import CHECKPOINT, config_of_run, plan_run_dir, train
 from targetgen.training import checkpoint as checkpoint_module
 from targetgen.training.checkpoint import load_checkpoint
+from targetgen.training.decomposed import Decomposed
 from targetgen.training.rundir import read_metrics
 from targetgen.training.standard import StandardGAN
-from targetgen.training.trainer import Decomposed
 
 # A run of 20 steps crosses two epoch boundaries of the 1,797 digits at batch 128.
 LONG = ["train.batch_size=128", "train.checkpoint_every=7"]
@@ -27,7 +27,7 @@ def params(run):
 
 def flatten(d, prefix=""):
     out = {}
-    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+    for k, v in d.items() if isinstance(d, dict) else enumerate(d):
         if isinstance(v, (dict, list)):  # lists: the regression engine's replay pool
             out.update(flatten(v, f"{prefix}{k}."))
         elif isinstance(v, torch.Tensor):
@@ -46,24 +46,54 @@ EXTRA = {
     "inversion": ("inversion", ["targets.options.lambda1=0.25", "regression.lr=0.0008", "regression.ema=0.9"]),
     # IMLE re-matches at every epoch boundary, one of which falls after the split
     "imle": ("imle", ["targets.options.staleness=1", "targets.options.samples_factor=2"]),
-    "imle-adaptive": ("imle", ["targets.options.adaptive=true", "targets.options.staleness=1",
-                               "targets.options.samples_factor=2", "targets.options.force_after=2"]),
+    "imle-adaptive": (
+        "imle",
+        [
+            "targets.options.adaptive=true",
+            "targets.options.staleness=1",
+            "targets.options.samples_factor=2",
+            "targets.options.force_after=2",
+        ],
+    ),
     "nearest": ("nearest", ["targets.options.alpha=0.5", "targets.options.k=2"]),
     # regression fitted until reach 0.5 (at most 4 steps) from a replay pool of the last 3 batches
-    "fit-replay": ("inversion", ["targets.options.lambda1=0.25", "targets.options.step_rule=normalized",
-                                 "regression.until_reach=0.5", "regression.max_steps=4", "regression.replay=3"]),
+    "fit-replay": (
+        "inversion",
+        [
+            "targets.options.lambda1=0.25",
+            "targets.options.step_rule=normalized",
+            "regression.until_reach=0.5",
+            "regression.max_steps=4",
+            "regression.replay=3",
+        ],
+    ),
     # every member's state (a discriminator, IMLE's matches) under its label
-    "mix-split": ("mix", ["targets.options.sources=[{name: inversion, weight: 0.7, options: {lambda1: 0.25}}, "
-                          "{name: imle, weight: 0.3, options: {staleness: 1, samples_factor: 2}}]"]),
-    "mix-alternate": ("mix", ["targets.options.mode=alternate", "targets.options.sources=[{name: inversion, weight: 0.6}, "
-                              "{name: imle, weight: 0.4, options: {staleness: 1, samples_factor: 2}}]"]),
+    "mix-split": (
+        "mix",
+        [
+            "targets.options.sources=[{name: inversion, weight: 0.7, options: {lambda1: 0.25}}, "
+            "{name: imle, weight: 0.3, options: {staleness: 1, samples_factor: 2}}]"
+        ],
+    ),
+    "mix-alternate": (
+        "mix",
+        [
+            "targets.options.mode=alternate",
+            "targets.options.sources=[{name: inversion, weight: 0.6}, "
+            "{name: imle, weight: 0.4, options: {staleness: 1, samples_factor: 2}}]",
+        ],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(EXTRA))
 def test_stop_and_resume_is_bit_identical(tiny_config, case):
     targets, extra = EXTRA[case]
-    whole = train((c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")), plan_run_dir(c, False), progress=False)
+    whole = train(
+        (c := tiny_config(*LONG, "train.steps=20", *extra, targets=targets, name="whole")),
+        plan_run_dir(c, False),
+        progress=False,
+    )
 
     first = tiny_config(*LONG, "train.steps=13", *extra, targets=targets, name="split")
     run_dir = plan_run_dir(first, False)
@@ -77,21 +107,38 @@ def test_stop_and_resume_is_bit_identical(tiny_config, case):
 
 def test_resampled_toy2d_resumes_bit_identically(tiny_config):
     # num_points = batch size: every step is an epoch with a fresh draw of 32 points
-    toy = ["data.name=toy2d", "data.mixture=ring8", "data.num_points=32", "data.resample=true", "train.checkpoint_every=7"]
-    whole = train((c := tiny_config(*toy, "train.steps=20", targets="standard", name="whole")), plan_run_dir(c, False), progress=False)
+    toy = [
+        "data.name=toy2d",
+        "data.mixture=ring8",
+        "data.num_points=32",
+        "data.resample=true",
+        "train.checkpoint_every=7",
+    ]
+    whole = train(
+        (c := tiny_config(*toy, "train.steps=20", targets="standard", name="whole")),
+        plan_run_dir(c, False),
+        progress=False,
+    )
     first = tiny_config(*toy, "train.steps=13", targets="standard", name="split")
     run_dir = plan_run_dir(first, False)
     train(first, run_dir, progress=False)
     resumed = train(config_of_run(run_dir, ["train.steps=20"]), run_dir, resume=True, progress=False)
     assert_identical(params(whole), params(resumed))
     assert torch.equal(whole.data.dataset.images, resumed.data.dataset.images)  # both at epoch 19's draw
-    fixed = train((c := tiny_config(*toy[:-2], "train.steps=20", targets="standard", name="fixed")), plan_run_dir(c, False),
-                  progress=False)
+    fixed = train(
+        (c := tiny_config(*toy[:-2], "train.steps=20", targets="standard", name="fixed")),
+        plan_run_dir(c, False),
+        progress=False,
+    )
     assert not torch.equal(params(fixed)["G.main.0.weight"], params(whole)["G.main.0.weight"])
 
 
 def test_crashed_run_resumes_from_its_last_checkpoint(tiny_config, monkeypatch):
-    whole = train((c := tiny_config(*LONG, "train.steps=12", targets="standard", name="whole")), plan_run_dir(c, False), progress=False)
+    whole = train(
+        (c := tiny_config(*LONG, "train.steps=12", targets="standard", name="whole")),
+        plan_run_dir(c, False),
+        progress=False,
+    )
 
     config = tiny_config(*LONG, "train.steps=12", targets="standard", name="crash")
     run_dir = plan_run_dir(config, False)
@@ -122,7 +169,9 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dies_halfway)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.pt \(disk full\); the previous checkpoint is intact"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot write checkpoint .*last.pt \(disk full\); the previous checkpoint is intact"
+    ):
         checkpoint_module.atomic_save({"format": 2, "step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     state = torch.load(path, weights_only=True)
@@ -142,7 +191,10 @@ def test_divergence_stops_with_step_and_loss_and_keeps_the_checkpoint(tiny_confi
         return stats
 
     monkeypatch.setattr(StandardGAN, "step", nan_at_step_five)
-    with pytest.raises(DivergenceError, match=r"diverged at step 5: g_loss = nan; the last checkpoint \(.*last.pt, step 4\) is finite and kept"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"diverged at step 5: g_loss = nan; the last checkpoint \(.*last.pt, step 4\) is finite and kept",
+    ):
         train(config, run_dir, progress=False)
     assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 4
 
@@ -155,9 +207,17 @@ def test_run_directory_is_not_reused_silently(tiny_config):
         plan_run_dir(config, overwrite=False)
     with pytest.raises(RunDirectoryError, match="exists; continue it with --resume .* --overwrite"):
         train(config, run_dir, progress=False)  # checked again under the lock, when the directory is claimed
-    assert plan_run_dir(config, overwrite=True) == run_dir and (run_dir / CHECKPOINT).is_file()  # planning deletes nothing
+    assert (
+        plan_run_dir(config, overwrite=True) == run_dir and (run_dir / CHECKPOINT).is_file()
+    )  # planning deletes nothing
     train(config, run_dir, overwrite=True, progress=False)
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl", "samples"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "samples",
+    ]
 
 
 def test_resume_may_only_change_the_length(tiny_config):
@@ -171,9 +231,17 @@ def test_resume_may_only_change_the_length(tiny_config):
 
 
 TOY = Path(__file__).parents[1] / "configs" / "toy2d.yaml"
-TIMED = ["train.steps=100000", "train.max_seconds=0.5", "train.log_every=100000", "train.checkpoint_every=10",
-         "train.sample_every=100000", "evaluation.every=100000", "evaluation.n=64", "data.num_points=500",
-         "train.loggers=jsonl"]
+TIMED = [
+    "train.steps=100000",
+    "train.max_seconds=0.5",
+    "train.log_every=100000",
+    "train.checkpoint_every=10",
+    "train.sample_every=100000",
+    "evaluation.every=100000",
+    "evaluation.n=64",
+    "data.num_points=500",
+    "train.loggers=jsonl",
+]
 
 
 def test_a_time_limit_stops_the_run_at_the_first_step_past_it(tmp_path):

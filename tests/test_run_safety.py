@@ -12,10 +12,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
-
 from cli_helpers import run_cli
 from conftest import TINY
+
 from targetgen.training import CHECKPOINT
 from targetgen.training.checkpoint import load_checkpoint
 from targetgen.training.rundir import REPLACED, read_metrics
@@ -28,26 +27,41 @@ def cli_train(tmp_path, *args):
 
 
 def made_run(tmp_path, name="r", steps=2, *args):
-    code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", str(steps), "--name", name,
-                             "--set", "train.checkpoint_every=1", *args)
+    code, _, err = cli_train(
+        tmp_path,
+        "--targets",
+        "standard",
+        "--steps",
+        str(steps),
+        "--name",
+        name,
+        "--set",
+        "train.checkpoint_every=1",
+        *args,
+    )
     assert code == 0, err
     return tmp_path / "runs" / name
 
 
 def contents(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (but the lock) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def png_with_broken_pixels(path: Path) -> None:
     """A PNG whose chunks and checksums are all valid (PIL's verify() passes) but whose pixel data is not zlib."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0)  # 16×16, 8-bit grey
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib at all" * 4)
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib at all" * 4) + chunk(b"IEND", b"")
+    )
 
 
 # ----------------------------------------------------------------------------- --overwrite
@@ -55,12 +69,16 @@ def png_with_broken_pixels(path: Path) -> None:
 
 LATE_FAILURES = {
     # caught before the directory is touched now, and must stay harmless if it ever is not
-    "best_metric": (["--set", "train.best_metric=nonsense", "--set", "evaluation.every=1"],
-                    "train.best_metric: 'nonsense' is not among the evaluated metrics"),
+    "best_metric": (
+        ["--set", "train.best_metric=nonsense", "--set", "evaluation.every=1"],
+        "train.best_metric: 'nonsense' is not among the evaluated metrics",
+    ),
     "device": (["--device", "meta"], "train.device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
     # fails at the first batch, after the run directory was claimed
-    "bad image": (["--set", "data.name=folder", "--set", "data.path={images}", "--set", "data.channels=1"],
-                  "cannot decode image"),
+    "bad image": (
+        ["--set", "data.name=folder", "--set", "data.path={images}", "--set", "data.channels=1"],
+        "cannot decode image",
+    ),
 }
 
 
@@ -74,8 +92,17 @@ def test_overwrite_with_a_late_failure_keeps_the_old_run(tmp_path, case):
         (images / f"{i:02d}.png").write_bytes((run_dir / "samples" / "final.png").read_bytes())
     png_with_broken_pixels(images / "00.png")
     args, message = LATE_FAILURES[case]
-    code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", "5", "--name", "r", "--overwrite",
-                             *[a.replace("{images}", str(images)) for a in args])
+    code, _, err = cli_train(
+        tmp_path,
+        "--targets",
+        "standard",
+        "--steps",
+        "5",
+        "--name",
+        "r",
+        "--overwrite",
+        *[a.replace("{images}", str(images)) for a in args],
+    )
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert message in err
     assert contents(run_dir) == before and not (run_dir / REPLACED).exists()
@@ -94,7 +121,8 @@ def test_overwrite_puts_the_old_run_back_after_any_failure_before_the_first_chec
     code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", "5", "--name", "r", "--overwrite")
     assert code == 2 and err.strip().splitlines() == [
         f"error: training diverged at step 1: D(x) is not finite; no checkpoint was written yet; "
-        f"the previous run in {run_dir} was put back as it was"]
+        f"the previous run in {run_dir} was put back as it was"
+    ]
     assert contents(run_dir) == before
 
 
@@ -111,8 +139,18 @@ def test_overwrite_deletes_the_old_run_once_the_new_one_has_checkpointed(tmp_pat
         return real_step(self, batch, step, log)
 
     monkeypatch.setattr(standard.StandardGAN, "step", diverges_late)
-    code, _, err = cli_train(tmp_path, "--targets", "standard", "--steps", "5", "--name", "r", "--overwrite",
-                             "--set", "train.checkpoint_every=1")
+    code, _, err = cli_train(
+        tmp_path,
+        "--targets",
+        "standard",
+        "--steps",
+        "5",
+        "--name",
+        "r",
+        "--overwrite",
+        "--set",
+        "train.checkpoint_every=1",
+    )
     assert code == 2 and "put back" not in err
     assert load_checkpoint(run_dir / CHECKPOINT)["step"] == 2 and not (run_dir / REPLACED).exists()
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
@@ -121,11 +159,28 @@ def test_overwrite_deletes_the_old_run_once_the_new_one_has_checkpointed(tmp_pat
 def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_command(tmp_path):
     run_dir = made_run(tmp_path, steps=3)
     before = contents(run_dir)
-    command = [sys.executable, "-m", "targetgen.cli", "train", "--targets", "standard", "--steps", "100000",
-               "--out-dir", str(tmp_path / "runs"), "--name", "r", "--overwrite", "--no-progress", *TINY_CLI,
-               "--set", "train.checkpoint_every=100000"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "train",
+        "--targets",
+        "standard",
+        "--steps",
+        "100000",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "r",
+        "--overwrite",
+        "--no-progress",
+        *TINY_CLI,
+        "--set",
+        "train.checkpoint_every=100000",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     try:
         while not ((run_dir / REPLACED).is_dir() and (run_dir / "metrics.jsonl").exists()) and process.poll() is None:
             time.sleep(0.05)
@@ -140,10 +195,15 @@ def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_c
     assert code == 0, err
     assert not (run_dir / REPLACED).exists()
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert {k: v for k, v in contents(run_dir).items() if k in before and "metrics" not in k and "checkpoints" not in k
-            and "config" not in k and "final" not in k} == {k: v for k, v in before.items() if "metrics" not in k
-                                                           and "checkpoints" not in k and "config" not in k
-                                                           and "final" not in k}
+    assert {
+        k: v
+        for k, v in contents(run_dir).items()
+        if k in before and "metrics" not in k and "checkpoints" not in k and "config" not in k and "final" not in k
+    } == {
+        k: v
+        for k, v in before.items()
+        if "metrics" not in k and "checkpoints" not in k and "config" not in k and "final" not in k
+    }
 
 
 # ----------------------------------------------------------------------------- symbolic links
@@ -202,10 +262,22 @@ def test_resume_refuses_a_hand_edited_config(tmp_path, key, old, new):
 
 def test_resume_may_change_length_and_cadence(tmp_path):
     run_dir = made_run(tmp_path, steps=2)
-    code, _, err = run_cli("train", "--resume", str(run_dir), "--steps", "4", "--no-progress",
-                           "--set", "train.log_every=2", "--set", "train.checkpoint_every=3")
+    code, _, err = run_cli(
+        "train",
+        "--resume",
+        str(run_dir),
+        "--steps",
+        "4",
+        "--no-progress",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "train.checkpoint_every=3",
+    )
     assert code == 0, err
-    code, _, err = run_cli("train", "--resume", str(run_dir), "--steps", "5", "--no-progress", "--set", "evaluation.n=64")
+    code, _, err = run_cli(
+        "train", "--resume", str(run_dir), "--steps", "5", "--no-progress", "--set", "evaluation.n=64"
+    )
     assert code == 2 and "--set evaluation.n: a resumed run keeps its config" in err, err
     assert not any("config_change" in r for r in read_metrics(run_dir / "metrics.jsonl"))
 
@@ -214,11 +286,28 @@ def test_resume_may_change_length_and_cadence(tmp_path):
 
 
 def _long_training(tmp_path, name="long", *extra):
-    command = [sys.executable, "-m", "targetgen.cli", "train", "--targets", "standard", "--steps", "100000",
-               "--out-dir", str(tmp_path), "--name", name, "--no-progress", *TINY_CLI,
-               "--set", "train.checkpoint_every=5", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "train",
+        "--targets",
+        "standard",
+        "--steps",
+        "100000",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        name,
+        "--no-progress",
+        *TINY_CLI,
+        "--set",
+        "train.checkpoint_every=5",
+        *extra,
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
 
 
 def _stop(process: subprocess.Popen, signum: int) -> str:
@@ -243,11 +332,32 @@ def test_sigterm_stops_training_like_ctrl_c(tmp_path):
 
 
 def _compare(out: Path, steps: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "targetgen.cli", "compare", "--targets", "standard", "--seeds", "1", "--out",
-               str(out), "--no-progress", "--no-control", *TINY_CLI, "--set", f"train.steps={steps}",
-               "--set", "train.checkpoint_every=5", "--set", "evaluation.every=100000", "--set", "evaluation.n=64"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "targetgen.cli",
+        "compare",
+        "--targets",
+        "standard",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-control",
+        *TINY_CLI,
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "evaluation.every=100000",
+        "--set",
+        "evaluation.n=64",
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
 
 
 def _wait_for_child_checkpoint(out: Path, process: subprocess.Popen) -> Path:
@@ -298,10 +408,65 @@ def test_a_stopped_comparison_stops_its_training_and_the_next_one_resumes_it(tmp
         assert err.strip().splitlines()[-1].startswith("stopped: comparison terminated; its running trainings stopped")
     assert "stopped: terminated; the last checkpoint" in (out / "logs" / "standard-seed0.log").read_text()
     assert not (run_dir / "summary.json").exists()
-    code, out_text, err = run_cli("compare", "--targets", "standard", "--seeds", "1", "--out", str(out), "--no-progress",
-                                  "--no-control", *TINY_CLI, "--set", f"train.steps={STEPS}",
-                                  "--set", "train.checkpoint_every=5", "--set", "evaluation.every=100000", "--set", "evaluation.n=64")
+    code, out_text, err = run_cli(
+        "compare",
+        "--targets",
+        "standard",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-control",
+        *TINY_CLI,
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "evaluation.every=100000",
+        "--set",
+        "evaluation.n=64",
+    )
     assert code == 0, err
     assert "resumed from step" in out_text
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "d_loss" in r] == list(range(1, STEPS + 1))
+
+
+def test_a_signal_during_a_comparison_stops_it_at_the_next_poll(tmp_path, monkeypatch):
+    """compare's handlers only record a signal, so no exception can be lost in a finaliser; its loop stops
+    every running training and says how to resume."""
+    from rich.console import Console
+
+    from targetgen import compare
+    from targetgen.errors import Interrupted
+
+    plan = compare.plan_comparison(
+        None, tmp_path / "c", [*TINY, "train.steps=100000", "evaluation.every=0"], "standard", seeds=1, control=False
+    )
+    compare.write_plan(plan, "targetgen compare (test)")
+    started = []
+    real_popen = compare.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    real_sleep = time.sleep
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # recorded by compare's handler, nothing raised here
+        real_sleep(seconds)
+
+    monkeypatch.setattr(compare.subprocess, "Popen", popen)
+    monkeypatch.setattr(compare.time, "sleep", sleep)
+    before = signal.getsignal(signal.SIGTERM)
+    with open(tmp_path / "console.txt", "w") as printed, pytest.raises(Interrupted) as stopped:
+        compare.run_plan(plan, jobs=1, console=Console(file=printed), progress=False)
+    assert stopped.value.exit_code == 143 and "comparison terminated" in str(stopped.value)
+    assert len(polls) == 3 and started and all(p.poll() is not None for p in started)
+    assert signal.getsignal(signal.SIGTERM) is before

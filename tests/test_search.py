@@ -28,7 +28,9 @@ def assert_exact(queries, database, dist, idx, k):
     assert (got - true_d).abs().le(resolution).all()
     assert (dist.double() - true_d).abs().le(resolution).all()
     # and away from ties the indices are exactly the brute-force ones
-    gaps = torch.diff(torch.cat([true_d, brute_force(queries, database, min(k + 1, len(database)))[0][:, -1:]], 1), dim=1)
+    gaps = torch.diff(
+        torch.cat([true_d, brute_force(queries, database, min(k + 1, len(database)))[0][:, -1:]], 1), dim=1
+    )
     clear = (gaps > resolution).all(dim=1)
     assert clear.float().mean() > 0.9
     assert torch.equal(idx[clear], true_i[clear])
@@ -67,7 +69,9 @@ def test_backends_agree_with_each_other():
     assert torch.allclose(d1, d2, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(10, 10, 3, 1), (100_000, 2_000_000, 12_288, 1), (7, 5, 784, 4), (4096, 60_000, 784, 10)])
+@pytest.mark.parametrize(
+    "shape", [(10, 10, 3, 1), (100_000, 2_000_000, 12_288, 1), (7, 5, 784, 4), (4096, 60_000, 784, 10)]
+)
 def test_chunk_plan_respects_the_memory_budget(shape):
     nq, nd, dim, k = shape
     for budget in (10**6, 64 * 1024**2, search.DEFAULT_BUDGET):

@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
-from targetgen.config import ModelConfig, RegressionConfig
 from targetgen.api import Targets
+from targetgen.config import ModelConfig, RegressionConfig
 from targetgen.models import MLPGenerator, MLPSpec, build_generator
 from targetgen.probe import kernel, kernel_vector_product, predicted_move, predicted_reach
 from targetgen.regression import RegressionEngine
 from targetgen.toy import LinearGenerator, closed_form_regression, train_toy
-
-from cli_helpers import run_cli
 
 
 def random_linear(dim: int) -> LinearGenerator:

@@ -1,6 +1,6 @@
-"""Training: the builder (config → run), run directories (``rundir``), the loop
-and the decomposed step (``trainer``), its callbacks and loggers, checkpoints,
-and the standard GAN's end-to-end step (``standard``).
+"""Training: the builder (config → run), run directories (``rundir``), the loop (``trainer``),
+the two kinds of step (``standard``, ``decomposed``), callbacks and loggers, checkpoints, and the
+types they share (``run``).
 
 Imported lazily: the run-directory checks the CLI makes before anything is
 built (``rundir``) must not wait for torch.
@@ -9,9 +9,16 @@ built (``rundir``) must not wait for torch.
 from __future__ import annotations
 
 _EXPORTS = {
-    "Run": "builder", "build_run": "builder", "load_generator": "builder", "load_trained": "builder",
-    "resolve_device": "builder", "train": "trainer", "write_samples": "callbacks",
-    "CHECKPOINT": "rundir", "config_of_run": "rundir", "plan_run_dir": "rundir",
+    "Run": "run",
+    "build_run": "builder",
+    "load_generator": "builder",
+    "load_trained": "builder",
+    "resolve_device": "builder",
+    "train": "trainer",
+    "write_samples": "callbacks",
+    "CHECKPOINT": "rundir",
+    "config_of_run": "rundir",
+    "plan_run_dir": "rundir",
 }
 __all__ = list(_EXPORTS)
 

@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import registry
-from ..registry import STANDARD
-from ..api import TargetGenerator, TrainingContext
+from ..api import TrainingContext
 from ..config import Config, DataConfig, ModelConfig, from_dict, to_dict
-from ..data import TrainingData, batches_per_epoch, data_shape, load_data
+from ..data import TrainingData, batches_per_epoch, data_shape, load_data, resolved_data
 from ..distributed import Processes, check_batch, local_share, wrap
 from ..errors import CheckpointError, ConfigError
 from ..models import build_discriminator, build_generator, latent_shape, training_memory
+from ..registry import STANDARD
 from ..regression import RegressionEngine
 from .checkpoint import load_checkpoint, restore, seed_everything
+from .decomposed import Decomposed
+from .run import Run, Strategy
 from .rundir import CHECKPOINT, config_of_run, current_run_dir, resumable_run_dir
-from .standard import StandardGAN, StandardOptions
-from .trainer import Decomposed
+from .standard import StandardGAN
 
 
 def resolve_device(name: str, processes: Processes = Processes()) -> torch.device:
@@ -68,114 +72,204 @@ def default_threads(data: DataConfig) -> int:
     return 1 if data.name == "toy2d" else PROCESS_THREADS
 
 
-def _check_gpu_options(config: Config, device: torch.device) -> None:
-    """cudnn.benchmark needs CUDA; bf16 and channels-last also run on CPU (slowly: they are meant for GPUs)."""
+# ----------------------------------------------------------------------------- the pieces of a run
+
+
+def bf16_matrix_units(device: torch.device) -> str | None:
+    """What runs bf16 matrix products natively on ``device`` (AMX, a CUDA GPU of compute capability >= 8), or None."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} tensor cores" if major >= 8 else None
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: the flags say the same
+    if (amx() if amx else False) or "amx_bf16" in _cpu_flags():
+        return "AMX"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:  # not Linux
+        return set()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes: its device, CPU threads and numeric format, resolved from the config."""
+
+    device: torch.device
+    threads: int
+    drop_last: bool
+    precision: str  # fp32 | bf16
+    channels_last: bool
+    why: str  # what decided the numeric format, for the line printed at the start
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self) -> str:
+        threads = f", {self.threads} CPU thread{'s' * (self.threads > 1)}" if self.device.type == "cpu" else ""
+        layout = "channels-last" if self.channels_last else "contiguous"
+        return f"{self.device}{threads}, {self.precision} ({self.why}), {layout}"
+
+
+def numeric_format(config: Config, device: torch.device) -> tuple[str, bool, str]:
+    """``train.precision`` and ``train.channels_last`` resolved for ``device``: (precision, channels-last, why)."""
+    t, images = config.train, config.data.name != "toy2d"
+    units = bf16_matrix_units(device)
+    if t.precision == "auto":
+        precision = "bf16" if units and images else "fp32"
+        why = f"auto: {units}" if units and images else "auto: no bf16 matrix units" if images else "auto: MLPs"
+    else:
+        precision, why = t.precision, "train.precision"
+    if precision == "bf16" and not units:
+        native = device.type == "cpu" and "avx512_bf16" in _cpu_flags()
+        warnings.warn(
+            f"train.precision: bf16 on {device}, which has no bf16 matrix units (AMX, or tensor cores of "
+            f"compute capability >= 8): {'AVX512-BF16 runs it, with little speed-up' if native else 'bf16 is emulated there, several times slower than fp32'}; "
+            "auto or fp32 is faster",
+            stacklevel=2,
+        )
+    if t.channels_last is True and not images:
+        raise ConfigError("train.channels_last: a memory layout for images; toy2d data are points")
+    channels_last = t.channels_last if t.channels_last != "auto" else images and device.type == "cpu"
+    return precision, channels_last, why
+
+
+def runtime(config: Config, processes: Processes) -> Runtime:
+    """Device, threads, drop_last and the numeric format for ``config``; sets torch's threads and seeds."""
     t = config.train
+    device = resolve_device(t.device, processes)
     if t.cudnn_benchmark:
         if device.type != "cuda":
             raise ConfigError(f"train.cudnn_benchmark: needs a CUDA device, the run uses {device}")
         torch.backends.cudnn.benchmark = True
+    threads = t.threads or default_threads(config.data)
+    torch.set_num_threads(threads)
+    drop_last = t.drop_last
+    if drop_last is None:
+        drop_last = processes.distributed
+        if processes.distributed and processes.is_main:
+            print(
+                f"train.drop_last: true for {processes.world_size} processes (each needs an equal share of every "
+                "global batch; the last len(data) mod batch_size images of each epoch are skipped)"
+            )
+    check_batch(t.batch_size, drop_last, processes)
+    precision, channels_last, why = numeric_format(config, device)
+    seed_everything(t.seed)
+    return Runtime(device, threads, drop_last, precision, channels_last, why)
 
 
 @dataclass
-class Run:
-    """Everything built from a config, in a fixed, seeded order."""
+class Networks:
+    """The generator as checkpoints see it and as steps call it, and what builds discriminators."""
 
-    config: Config
-    data: TrainingData
-    device: torch.device
-    generator: nn.Module  # the plain network (checkpoints, samples, evaluation)
-    strategy: StandardGAN | Decomposed
-    fixed_noise: Tensor
-    steps_per_epoch: int
-    total_steps: int
-    step: int = 0  # optimizer steps done, once loaded from a checkpoint
-    processes: Processes = Processes()
-
-    @property
-    def source(self) -> TargetGenerator | None:
-        return self.strategy.source if isinstance(self.strategy, Decomposed) else None
+    generator: nn.Module  # the plain network
+    trained_generator: nn.Module  # inside autocast / DDP when configured
+    make_discriminator: Callable[..., nn.Module]
+    sample_latents: Callable[[int], Tensor]
+    latent_shape: tuple[int, ...]
 
 
-
-
-def options_class(source: str) -> type:
-    """The dataclass of ``targets.options`` for a source (or the standard GAN)."""
-    return StandardOptions if source == STANDARD else registry.load("targets", source, "targets.name").Options
-
-
-def build_run(config: Config, processes: Processes = Processes()) -> Run:
-    """Build data, models and strategy. Resolves the target options in ``config`` in place."""
-    t, m = config.train, config.model
-    device = resolve_device(t.device, processes)
-    _check_gpu_options(config, device)
-    t.threads = t.threads or default_threads(config.data)
-    torch.set_num_threads(t.threads)
-    if t.drop_last is None:
-        t.drop_last = processes.distributed
-        if processes.distributed and processes.is_main:
-            print(f"train.drop_last: true for {processes.world_size} processes (each needs an equal share of every "
-                  "global batch; the last len(data) mod batch_size images of each epoch are skipped)")
-    check_batch(t.batch_size, t.drop_last, processes)
-    seed_everything(t.seed)
-    data = load_data(config.data)
-    n = len(data.dataset)
-    steps_per_epoch = batches_per_epoch(n, t.batch_size, t.drop_last)
-    if t.batch_size > n:
-        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the data set ({n:,} "
-                          f"{'points' if len(data.image_shape) == 1 else 'images'}); expected at most {n}")
-    total_steps = t.steps if t.steps is not None else t.epochs * steps_per_epoch
-
-    shape = data.image_shape
-    check_memory(shape, m, t.batch_size)
-    if t.channels_last and len(shape) != 3:
-        raise ConfigError("train.channels_last: a memory layout for images; toy2d data are points")
-    layout = torch.channels_last if t.channels_last else torch.contiguous_format
-    bf16 = t.precision == "bf16"
+def networks(config: Config, shape: tuple[int, ...], rt: Runtime, processes: Processes) -> Networks:
+    m = config.model
+    check_memory(shape, m, config.train.batch_size)
     z_shape = latent_shape(shape, m.nz)
-    netG = build_generator(shape, m).to(device, memory_format=layout)
-    trained_G = wrap(netG, processes, device, bf16)  # what steps call: DDP and autocast when asked for
+    netG = build_generator(shape, m).to(rt.device, memory_format=rt.layout)
 
     def sample_latents(count: int) -> Tensor:
         # Every process draws the latents of the whole global batch (the RNG streams stay
         # identical) and keeps its own share: the same latents a single process would use.
-        return local_share(torch.randn(count * processes.world_size, *z_shape, device=device), processes)
+        return local_share(torch.randn(count * processes.world_size, *z_shape, device=rt.device), processes)
 
     def make_discriminator(sigmoid: bool = True) -> nn.Module:
-        netD = build_discriminator(shape, m, sigmoid).to(device, memory_format=layout)
-        return wrap(netD, processes, device, bf16)
+        netD = build_discriminator(shape, m, sigmoid).to(rt.device, memory_format=rt.layout)
+        return wrap(netD, processes, rt.device, rt.bf16)
 
+    return Networks(netG, wrap(netG, processes, rt.device, rt.bf16), make_discriminator, sample_latents, z_shape)
+
+
+def strategy(
+    config: Config, nets: Networks, data: TrainingData, rt: Runtime, total_steps: int, processes: Processes
+) -> tuple[Strategy, Any]:
+    """The standard GAN's step, or a target source with the regression engine; and the resolved options."""
     name = config.targets.name
-    options = from_dict(options_class(name), config.targets.options, "targets.options")
+    options = from_dict(registry.options_class(name), config.targets.options, "targets.options")
     if name == STANDARD:
-        strategy = StandardGAN(options, trained_G, make_discriminator(sigmoid=True), sample_latents, config.targets.d_steps)
-    else:
-        source_cls = registry.load("targets", name, "targets.name")
-        context = TrainingContext(
-            generator=trained_G,
-            sample_latents=sample_latents,
-            dataset=data.dataset,
-            image_shape=shape,
-            device=device,
-            rank=processes.rank,
-            world_size=processes.world_size,
-            total_steps=total_steps,
-            latent_shape=z_shape,
-            seed=t.seed,
-            make_discriminator=make_discriminator,
+        step = StandardGAN(
+            options,
+            nets.trained_generator,
+            nets.make_discriminator(sigmoid=True),
+            nets.sample_latents,
+            config.targets.d_steps,
         )
-        source = source_cls(options, context)
-        if "ssim" in config.regression.loss and len(shape) != 3:
-            raise ConfigError("regression.loss.ssim: SSIM needs images; toy2d data are points")
-        engine = RegressionEngine(trained_G, config.regression, total_steps, processes.world_size)
-        strategy = Decomposed(source, engine, sample_latents, config.targets.d_steps)
-    config.targets.options = to_dict(options)  # the resolved config shows every option
+        return step, options
+    context = TrainingContext(
+        generator=nets.trained_generator,
+        sample_latents=nets.sample_latents,
+        dataset=data.dataset,
+        image_shape=data.image_shape,
+        device=rt.device,
+        rank=processes.rank,
+        world_size=processes.world_size,
+        total_steps=total_steps,
+        latent_shape=nets.latent_shape,
+        seed=config.train.seed,
+        make_discriminator=nets.make_discriminator,
+        precision=rt.precision,
+    )
+    source = registry.load("targets", name, "targets.name")(options, context)
+    if "ssim" in config.regression.loss and len(data.image_shape) != 3:
+        raise ConfigError("regression.loss.ssim: SSIM needs images; toy2d data are points")
+    engine = RegressionEngine(nets.trained_generator, config.regression, total_steps, processes.world_size)
+    return Decomposed(source, engine, nets.sample_latents, config.targets.d_steps), options
 
-    # Fixed noise for sample grids, from its own generator so that it draws
-    # nothing from the training RNG.
-    fixed_noise = torch.randn(64 if len(shape) == 3 else 1024, *z_shape, generator=torch.Generator().manual_seed(t.seed + 1))
-    return Run(config, data, device, netG, strategy, fixed_noise.to(device), steps_per_epoch, total_steps,
-               processes=processes)
+
+def build_run(config: Config, processes: Processes = Processes()) -> Run:
+    """Build data, models and strategy, in a fixed, seeded order. ``config`` is left as it is; the run's
+    ``config`` is the resolved one (threads, drop_last, image shape, every target option)."""
+    t = config.train
+    rt = runtime(config, processes)
+    data = load_data(config.data)
+    n = len(data.dataset)
+    if t.batch_size > n:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is larger than the data set ({n:,} "
+            f"{'points' if len(data.image_shape) == 1 else 'images'}); expected at most {n}"
+        )
+    steps_per_epoch = batches_per_epoch(n, t.batch_size, rt.drop_last)
+    total_steps = t.steps if t.steps is not None else t.epochs * steps_per_epoch
+    nets = networks(config, data.image_shape, rt, processes)
+    step, options = strategy(config, nets, data, rt, total_steps, processes)
+    resolved = replace(
+        config,
+        data=resolved_data(config.data, data.image_shape),
+        train=replace(
+            t, threads=rt.threads, drop_last=rt.drop_last, precision=rt.precision, channels_last=rt.channels_last
+        ),
+        targets=replace(config.targets, options=to_dict(options)),  # the resolved config shows every option
+    )
+    # Fixed noise for sample grids, from its own generator so that it draws nothing from the training RNG.
+    count = 64 if len(data.image_shape) == 3 else 1024
+    fixed_noise = torch.randn(count, *nets.latent_shape, generator=torch.Generator().manual_seed(t.seed + 1))
+    return Run(
+        resolved,
+        data,
+        rt.device,
+        nets.generator,
+        step,
+        fixed_noise.to(rt.device),
+        steps_per_epoch,
+        total_steps,
+        processes=processes,
+        runtime=rt.describe(),
+    )
 
 
 @dataclass
@@ -210,8 +304,9 @@ def load_generator(run_dir: Path) -> TrainedGenerator:
             sampling = engine.sampling_generator()
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT} does not fit the generator of "
-                              f"{run_dir / 'config.yaml'}: {first}") from None
+        raise CheckpointError(
+            f"checkpoint {run_dir / CHECKPOINT} does not fit the generator of {run_dir / 'config.yaml'}: {first}"
+        ) from None
     return TrainedGenerator(config, generator, sampling, latent_shape(shape, m.nz), shape, device, state["step"])
 
 

@@ -1,5 +1,5 @@
-"""What the training loop does around its steps, one callback each: logging, evaluation,
-sample grids, checkpoints (with retention). The loop calls them in that order after
+"""What the training loop does around its steps, one callback each: the progress bar, logging,
+evaluation, sample grids, checkpoints (with retention). The loop calls them in that order after
 every step, and once more at the end; each decides for itself when it has work.
 
 Rank 0 alone runs them in a distributed run: they write files.
@@ -13,24 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress
+
 from ..errors import ConfigError
+from ..evaluation import evaluate
 from ..files import atomic_copy, write_json
-from ..report import lower_is_better
-from .builder import Run
-from .checkpoint import Position, save
+from ..metric_names import lower_is_better
+from ..samples import generate, save_samples
+from .checkpoint import save
 from .logs import Logger
+from .run import Position, Run, StepEnd
 from .rundir import CHECKPOINT, CHECKPOINTS, Replacement
-
-
-@dataclass
-class StepEnd:
-    """What the loop knows after a step."""
-
-    run: Run
-    pos: Position
-    stats: dict[str, float] | None  # this step's statistics, on logging steps only
-    images_per_s: float = 0.0
-    last: bool = False  # the run's final step
 
 
 class Callback:
@@ -39,6 +32,22 @@ class Callback:
 
     def on_train_end(self, run: Run, pos: Position) -> None:
         """Once, after the last step (also when a resumed run had nothing left to do)."""
+
+
+SHOWN = ("d_loss", "g_loss", "regression_loss", "target_reach")  # beside the progress bar
+
+
+@dataclass
+class ShowProgress(Callback):
+    """The progress bar: steps done, and the losses of the last logging step."""
+
+    bar: Progress
+    task: Any
+
+    def on_step_end(self, end: StepEnd) -> None:
+        if end.stats is not None:
+            self.bar.update(self.task, losses=" ".join(f"{k}={end.stats[k]:.3g}" for k in SHOWN if k in end.stats))
+        self.bar.update(self.task, completed=end.pos.step)
 
 
 def _record(pos: Position) -> dict[str, Any]:
@@ -73,8 +82,6 @@ class Evaluate(Callback):
 
     def on_step_end(self, end: StepEnd) -> None:
         if end.pos.step % self.every == 0 or end.last:
-            from ..evaluation import evaluate
-
             self.latest, self.step = evaluate(end.run), end.pos.step
             values = {**_record(end.pos), **{f"eval/{k}": v for k, v in self.latest.items()}}
             for logger in self.loggers:
@@ -82,9 +89,7 @@ class Evaluate(Callback):
 
 
 def write_samples(run: Run, path: Path) -> None:
-    from ..samples import generate, save_samples
-
-    samples = generate(run.strategy.sampling_generator(), run.fixed_noise)
+    samples = generate(run.strategy.sampling_generator(), run.fixed_noise, bf16=run.config.train.precision == "bf16")
     data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
     save_samples(samples, path, data, title=path.stem)
 
@@ -119,14 +124,13 @@ class SaveCheckpoints(Callback):
     keep: int = 1
     best_metric: str | None = None
     evaluation: Evaluate | None = None
-    order: Any = None  # the epoch's data order, kept current by the loop
     replacement: Replacement | None = None  # --overwrite: the previous run, deleted after the first checkpoint
 
     def on_step_end(self, end: StepEnd) -> None:
         last = self.run_dir / CHECKPOINT
         saved = end.pos.step % self.every == 0 or end.last
         if saved:
-            save(end.run, last, end.pos, self.order)
+            save(end.run, last, end.pos, end.order)
             if self.replacement is not None:
                 self.replacement.commit()
             if self.keep > 1:
@@ -137,10 +141,13 @@ class SaveCheckpoints(Callback):
             if saved:
                 atomic_copy(last, best, "checkpoint")
             else:
-                save(end.run, best, end.pos, self.order)
+                save(end.run, best, end.pos, end.order)
             value = self.evaluation.latest[self.best_metric]
-            write_json(self.run_dir / CHECKPOINTS / "best.json", {"step": end.pos.step, self.best_metric: value},
-                       "best-checkpoint record")
+            write_json(
+                self.run_dir / CHECKPOINTS / "best.json",
+                {"step": end.pos.step, self.best_metric: value},
+                "best-checkpoint record",
+            )
 
     def _keep(self, last: Path, step: int) -> None:
         folder = last.parent
@@ -150,8 +157,10 @@ class SaveCheckpoints(Callback):
 
     def _is_best(self) -> bool:
         if self.best_metric not in self.evaluation.latest:
-            raise ConfigError(f"train.best_metric: {self.best_metric!r} is not among the evaluated metrics "
-                              f"({', '.join(self.evaluation.latest)})")
+            raise ConfigError(
+                f"train.best_metric: {self.best_metric!r} is not among the evaluated metrics "
+                f"({', '.join(self.evaluation.latest)})"
+            )
         value = self.evaluation.latest[self.best_metric]
         if value is None or not math.isfinite(value):
             return False

@@ -9,9 +9,8 @@ the package version and the resolved config.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +20,8 @@ from .. import __version__
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError, WriteError
 from ..files import atomic_write
+from .run import Position, Run
 from .rundir import CHANGEABLE_ON_RESUME
-
-if TYPE_CHECKING:
-    from .builder import Run
 
 FORMAT = 2  # 2: adds targets, version and config to format 1 (step, epoch, batch, order, networks, rng)
 
@@ -38,21 +35,32 @@ def atomic_save(obj: dict, path: Path) -> None:
 
 
 # What a checkpoint of format 2 holds, and the type of each entry (checked on load, before anything is restored).
-ENTRIES = {"step": int, "epoch": int, "batch": int, "order": torch.Tensor, "generator": dict, "strategy": dict,
-           "rng": dict}
+ENTRIES = {
+    "step": int,
+    "epoch": int,
+    "batch": int,
+    "order": torch.Tensor,
+    "generator": dict,
+    "strategy": dict,
+    "rng": dict,
+}
 RNG_ENTRIES = ("torch", "numpy", "python")
 
 
 def _check_structure(state: dict, path: Path) -> None:
     missing = [key for key in ENTRIES if key not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)} "
-                              f"(expected {', '.join(ENTRIES)}); it was not written by targetgen, or was edited")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: it has no {', '.join(missing)} "
+            f"(expected {', '.join(ENTRIES)}); it was not written by targetgen, or was edited"
+        )
     for key, kind in ENTRIES.items():
         value = state[key]
         if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
-            raise CheckpointError(f"checkpoint {path}: {key} is {value!r:.60}, expected "
-                                  f"{'a non-negative integer' if kind is int else 'a ' + kind.__name__}")
+            raise CheckpointError(
+                f"checkpoint {path}: {key} is {value!r:.60}, expected "
+                f"{'a non-negative integer' if kind is int else 'a ' + kind.__name__}"
+            )
     missing = [key for key in RNG_ENTRIES if key not in state["rng"]]
     if missing:
         raise CheckpointError(f"checkpoint {path}: its random number generator states lack {', '.join(missing)}")
@@ -75,16 +83,20 @@ def load_checkpoint(path: Path, targets: str | None = None) -> dict:
         raise CheckpointError(f"checkpoint {path} ({size:,} bytes) cannot be read: {first}") from None
     if not isinstance(state, dict) or "format" not in state:
         held = "a dict without a format field" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise CheckpointError(f"{path} is not a targetgen checkpoint (it holds {held}; "
-                              f"expected a dict of format {FORMAT})")
+        raise CheckpointError(
+            f"{path} is not a targetgen checkpoint (it holds {held}; expected a dict of format {FORMAT})"
+        )
     if not isinstance(state["format"], int) or state["format"] > FORMAT or state["format"] < 1:
-        raise CheckpointError(f"checkpoint {path} has format {state['format']!r}; this targetgen reads formats 1 to "
-                              f"{FORMAT}: upgrade targetgen to resume it")
+        raise CheckpointError(
+            f"checkpoint {path} has format {state['format']!r}; this targetgen reads formats 1 to "
+            f"{FORMAT}: upgrade targetgen to resume it"
+        )
     _check_structure(state, path)
     written_by = state.get("targets") or ("standard" if "source" not in state["strategy"] else None)
     if targets is not None and written_by is not None and written_by != targets:
-        raise CheckpointError(f"checkpoint {path} was written by target source {written_by!r}; "
-                              f"this run's config uses {targets!r}")
+        raise CheckpointError(
+            f"checkpoint {path} was written by target source {written_by!r}; this run's config uses {targets!r}"
+        )
     return state
 
 
@@ -94,7 +106,12 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
     }
     if torch.cuda.is_available():
@@ -119,17 +136,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- a run's checkpoint
-
-
-@dataclass
-class Position:
-    """Where a run stands: what a checkpoint records besides the networks."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch: int = 0  # batches of ``epoch`` done
-    images: int = 0  # real images seen, for equal-budget comparisons
-    seconds: float = 0.0  # time spent in training steps (not evaluation or I/O), summed over resumes
 
 
 def save(run: Run, path: Path, pos: Position, order: Tensor) -> None:
@@ -167,8 +173,11 @@ def config_changes(saved: dict, current: dict) -> dict[str, dict[str, Any]]:
     """Keys whose value differs between a checkpoint's config and the run's, but for CHANGEABLE_ON_RESUME;
     keys only one side has (a newer or older targetgen) are left out."""
     before, now = _flat(saved), _flat(current)
-    return {key: {"checkpoint": before[key], "now": now[key]} for key in sorted(before.keys() & now.keys())
-            if before[key] != now[key] and key not in CHANGEABLE_ON_RESUME}
+    return {
+        key: {"checkpoint": before[key], "now": now[key]}
+        for key in sorted(before.keys() & now.keys())
+        if before[key] != now[key] and key not in CHANGEABLE_ON_RESUME
+    }
 
 
 def restore(run: Run, path: Path, allow_config_change: bool = False) -> tuple[Position, Tensor, dict]:
@@ -178,14 +187,18 @@ def restore(run: Run, path: Path, allow_config_change: bool = False) -> tuple[Po
     t = run.config.train
     if state["step"] > run.total_steps:
         key, value = ("train.steps", t.steps) if t.steps is not None else ("train.epochs", t.epochs)
-        raise ConfigError(f"{key}: {value} gives {run.total_steps} steps, fewer than the checkpoint's "
-                          f"{state['step']}; a resumed run can only be extended")
+        raise ConfigError(
+            f"{key}: {value} gives {run.total_steps} steps, fewer than the checkpoint's "
+            f"{state['step']}; a resumed run can only be extended"
+        )
     changes = config_changes(state["config"], to_dict(run.config)) if isinstance(state.get("config"), dict) else {}
     if changes and not allow_config_change:
         shown = "; ".join(f"{k}: {v['checkpoint']!r} in the checkpoint, {v['now']!r} now" for k, v in changes.items())
-        raise ConfigError(f"--resume: {path.parent.parent / 'config.yaml'} differs from the config its checkpoint was "
-                          f"trained with ({shown}); put it back, or continue with the new values with "
-                          "--allow-config-change (recorded in metrics.jsonl)")
+        raise ConfigError(
+            f"--resume: {path.parent.parent / 'config.yaml'} differs from the config its checkpoint was "
+            f"trained with ({shown}); put it back, or continue with the new values with "
+            "--allow-config-change (recorded in metrics.jsonl)"
+        )
     try:
         run.generator.load_state_dict(state["generator"])
         run.strategy.load_state_dict(state["strategy"])
@@ -195,6 +208,10 @@ def restore(run: Run, path: Path, allow_config_change: bool = False) -> tuple[Po
     try:
         set_rng_state(state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path}: its random number generator states cannot be restored ({err})") from None
-    position = Position(state["step"], state["epoch"], state["batch"], state.get("images", 0), state.get("seconds", 0.0))
+        raise CheckpointError(
+            f"checkpoint {path}: its random number generator states cannot be restored ({err})"
+        ) from None
+    position = Position(
+        state["step"], state["epoch"], state["batch"], state.get("images", 0), state.get("seconds", 0.0)
+    )
     return position, state["order"], changes

@@ -74,7 +74,9 @@ def logger_names(setting: str) -> list[str]:
         names.remove("auto")
         names += ["tensorboard"] if tensorboard_installed() else []
     if "tensorboard" in names and not tensorboard_installed():
-        raise ConfigError("train.loggers: 'tensorboard' needs the tensorboard package: pip install 'targetgen[tensorboard]'")
+        raise ConfigError(
+            "train.loggers: 'tensorboard' needs the tensorboard package: pip install 'targetgen[tensorboard]'"
+        )
     return ["jsonl", *dict.fromkeys(n for n in names if n != "jsonl")]
 
 
@@ -85,4 +87,6 @@ def check_loggers(setting: str) -> None:
 
 
 def open_loggers(setting: str, run_dir: Path, config: dict[str, Any], start_step: int) -> list[Logger]:
-    return [registry.load("loggers", name, "train.loggers")(run_dir, config, start_step) for name in logger_names(setting)]
+    return [
+        registry.load("loggers", name, "train.loggers")(run_dir, config, start_step) for name in logger_names(setting)
+    ]

@@ -17,6 +17,7 @@ The guarantees (docs/reliability.md):
 
 from __future__ import annotations
 
+import fcntl  # POSIX: targetgen's run directories are written on Linux and macOS
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..config import Config, apply_override, from_dict, read_yaml
 from ..errors import ConfigError, RunDirectoryError
 from ..files import atomic_write
 
@@ -38,8 +40,18 @@ LOCK = ".lock"
 REPLACED = ".replaced"  # an --overwrite's previous run, until the new run's first checkpoint
 MAX_NAME_BYTES = 200
 # What targetgen writes into a run directory: none of them may be a symbolic link (it would write elsewhere).
-WRITTEN = (CONFIG, CHECKPOINTS, METRICS, LOCK, REPLACED, "samples", "tensorboard", "eval.json", "summary.json",
-           "probe.json")
+WRITTEN = (
+    CONFIG,
+    CHECKPOINTS,
+    METRICS,
+    LOCK,
+    REPLACED,
+    "samples",
+    "tensorboard",
+    "eval.json",
+    "summary.json",
+    "probe.json",
+)
 
 
 # ----------------------------------------------------------------------------- names and places
@@ -53,8 +65,10 @@ def check_run_name(name: str) -> str:
             "use --out-dir to choose where run directories go"
         )
     if len(name.encode()) > MAX_NAME_BYTES:
-        raise ConfigError(f"train.name: {len(name.encode())} bytes long; expected at most {MAX_NAME_BYTES} "
-                          f"(file systems allow 255, and targetgen adds suffixes), got {name[:40]!r}...")
+        raise ConfigError(
+            f"train.name: {len(name.encode())} bytes long; expected at most {MAX_NAME_BYTES} "
+            f"(file systems allow 255, and targetgen adds suffixes), got {name[:40]!r}..."
+        )
     return name
 
 
@@ -77,8 +91,10 @@ def planned_run_dir(out_dir: str | Path, name: str, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"--out-dir {out} is a file, not a folder; choose a folder for run directories")
     if run_dir.is_symlink():
-        raise RunDirectoryError(f"run directory {run_dir} is a symbolic link (to {os.readlink(run_dir)}); "
-                                "targetgen never writes or deletes through one; choose another --name")
+        raise RunDirectoryError(
+            f"run directory {run_dir} is a symbolic link (to {os.readlink(run_dir)}); "
+            "targetgen never writes or deletes through one; choose another --name"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"{run_dir} is a file, not a run directory; choose another --name")
     if run_dir.is_dir() and _has_content(run_dir):
@@ -109,8 +125,10 @@ def check_no_links(run_dir: Path) -> None:
         entries += sorted((run_dir / CHECKPOINTS).iterdir())
     for entry in entries:
         if entry.is_symlink():
-            raise RunDirectoryError(f"{entry} is a symbolic link (to {os.readlink(entry)}); targetgen never writes "
-                                    "or deletes through one; replace it with the folder or file itself")
+            raise RunDirectoryError(
+                f"{entry} is a symbolic link (to {os.readlink(entry)}); targetgen never writes "
+                "or deletes through one; replace it with the folder or file itself"
+            )
 
 
 class Replacement:
@@ -218,8 +236,10 @@ def _holder_pid(path: Path) -> int | None:
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())
-        return (f"process {info['pid']} on {info['host']} ({info.get('command', 'targetgen')}, "
-                f"started {info.get('started', '?')})")
+        return (
+            f"process {info['pid']} on {info['host']} ({info.get('command', 'targetgen')}, "
+            f"started {info.get('started', '?')})"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
 
@@ -228,8 +248,16 @@ def _write_holder(handle, command: str) -> None:
     """Who holds the lock, for the refusal message another process prints."""
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": command,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
+    )
     handle.flush()
 
 
@@ -242,8 +270,6 @@ def run_lock(folder: Path, command: str = "targetgen train") -> Iterator[None]:
     holder's pid, host and start time for the refusal message. A folder this
     call had to create is removed again when the lock cannot be taken.
     """
-    import fcntl  # POSIX; targetgen's run directories are written on Linux and macOS
-
     created = not folder.exists()
     make_dir(folder)
     path = folder / LOCK
@@ -253,14 +279,17 @@ def run_lock(folder: Path, command: str = "targetgen train") -> Iterator[None]:
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         if path.is_symlink():
-            raise RunDirectoryError(f"{path} is a symbolic link (to {os.readlink(path)}); targetgen never writes "
-                                    "through one; remove it") from None
+            raise RunDirectoryError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); targetgen never writes through one; remove it"
+            ) from None
         raise _os_error(err, "lock", path) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunDirectoryError(f"{folder} is in use by {_holder(path)}; wait for it to finish or stop it") from None
+            raise RunDirectoryError(
+                f"{folder} is in use by {_holder(path)}; wait for it to finish or stop it"
+            ) from None
         try:
             _write_holder(handle, command)
         except OSError as err:  # a full disk: the run could not write its first checkpoint either
@@ -276,8 +305,6 @@ def run_lock(folder: Path, command: str = "targetgen train") -> Iterator[None]:
 
 def check_not_in_use(folder: Path) -> None:
     """Refuse at once, naming the holder, when another process holds ``folder``'s lock."""
-    import fcntl
-
     path = folder / LOCK
     if not path.is_file() or _holder_pid(path) == os.getpid():  # the lock this process holds is no obstacle
         return
@@ -316,12 +343,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if number == len(lines):  # no newline after it: the write was cut short
                 break
-            raise RunDirectoryError(f"{path}, line {number}: not a JSON record ({line[:60]!r}); "
-                                    "the log was edited or corrupted") from None
+            raise RunDirectoryError(
+                f"{path}, line {number}: not a JSON record ({line[:60]!r}); the log was edited or corrupted"
+            ) from None
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise RunDirectoryError(f"{path}, line {number}: expected a record with a step, got {line[:60]!r}; "
-                                    "the log was edited or corrupted")
+            raise RunDirectoryError(
+                f"{path}, line {number}: expected a record with a step, got {line[:60]!r}; "
+                "the log was edited or corrupted"
+            )
         records.append(record)
     return records
 
@@ -338,16 +368,24 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 # Keys a resumed run may change: how long it runs and how often it logs, evaluates and saves; where it lives.
-CHANGEABLE_ON_RESUME = ("train.steps", "train.epochs", "train.max_seconds", "train.log_every", "train.sample_every",
-                        "train.checkpoint_every", "train.keep_checkpoints", "train.loggers", "train.name",
-                        "train.out_dir", "evaluation.every")
+CHANGEABLE_ON_RESUME = (
+    "train.steps",
+    "train.epochs",
+    "train.max_seconds",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.loggers",
+    "train.name",
+    "train.out_dir",
+    "evaluation.every",
+)
 
 
 def config_of_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), allow_config_change: bool = False):
     """The resolved config saved in ``run_dir``, with overrides of the keys a resumed run may change
     (any key with ``allow_config_change``) applied."""
-    from ..config import Config, apply_override, from_dict, read_yaml
-
     path = current_run_dir(run_dir) / CONFIG
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} is not a targetgen run directory (no {CONFIG})")

@@ -7,7 +7,6 @@ follows the tutorial line for line, including its names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
@@ -16,7 +15,7 @@ import torch.optim as optim
 from torch import Tensor
 
 from ..api import Batch, require_finite
-from ..config import bounded
+from ..config import StandardOptions
 from ..distributed import unwrap
 
 # Establish convention for real and fake labels during training
@@ -24,16 +23,15 @@ real_label = 1.0
 fake_label = 0.0
 
 
-@dataclass
-class StandardOptions:
-    g_lr: float = bounded(0.0002, gt=0)  # the generator's learning rate η
-    d_lr: float = bounded(0.0002, gt=0)
-    betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)
-
-
 class StandardGAN:
-    def __init__(self, options: StandardOptions, netG: nn.Module, netD: nn.Module, sample_latents: Callable[[int], Tensor],
-                 d_steps: int = 1):
+    def __init__(
+        self,
+        options: StandardOptions,
+        netG: nn.Module,
+        netD: nn.Module,
+        sample_latents: Callable[[int], Tensor],
+        d_steps: int = 1,
+    ):
         self.netG, self.netD = netG, netD
         self.sample_latents = sample_latents
         self.d_steps = d_steps  # D updates per G update (n_critic), each on fresh noise
@@ -100,13 +98,23 @@ class StandardGAN:
         # Update G
         self.optimizerG.step()
 
-        return {"d_loss": errD.detach(), "g_loss": errG.detach(), "d_real": D_x, "d_fake": D_G_z1, "d_fake_after_d_step": D_G_z2}
+        return {
+            "d_loss": errD.detach(),
+            "g_loss": errG.detach(),
+            "d_real": D_x,
+            "d_fake": D_G_z1,
+            "d_fake_after_d_step": D_G_z2,
+        }
 
     def sampling_generator(self) -> nn.Module:
         return unwrap(self.netG)
 
     def state_dict(self) -> dict:
-        return {"netD": unwrap(self.netD).state_dict(), "optimizerD": self.optimizerD.state_dict(), "optimizerG": self.optimizerG.state_dict()}
+        return {
+            "netD": unwrap(self.netD).state_dict(),
+            "optimizerD": self.optimizerD.state_dict(),
+            "optimizerG": self.optimizerG.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.netD).load_state_dict(state["netD"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from targetgen import Batch, TargetGenerator, Targets, TrainingContext
+from targetgen import Batch, Targets, TargetSource, TrainingContext
 
 
 @dataclass
@@ -16,7 +16,7 @@ class BlendOptions:
     alpha: float = 0.1  # how far to move towards the real image (1 = all the way)
 
 
-class BlendTowardsData(TargetGenerator):
+class BlendTowardsData(TargetSource):
     name = "blend"
     Options = BlendOptions
 
