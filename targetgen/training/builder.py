@@ -130,10 +130,10 @@ def numeric_format(config: Config, device: torch.device) -> tuple[str, bool, str
         precision, why = t.precision, "train.precision"
     if precision == "bf16" and not units:
         native = device.type == "cpu" and "avx512_bf16" in _cpu_flags()
+        cost = "AVX512-BF16 runs it, with little speed-up" if native else "emulated, several times slower than fp32"
         warnings.warn(
-            f"train.precision: bf16 on {device}, which has no bf16 matrix units (AMX, or tensor cores of "
-            f"compute capability >= 8): {'AVX512-BF16 runs it, with little speed-up' if native else 'bf16 is emulated there, several times slower than fp32'}; "
-            "auto or fp32 is faster",
+            f"train.precision: bf16 on {device}, which has no bf16 matrix units (AMX, or tensor cores of compute "
+            f"capability >= 8): {cost}; auto or fp32 is faster",
             stacklevel=2,
         )
     if t.channels_last is True and not images:
