@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 satisfy the ranges in pyproject.toml.
-EXTRAS ?= cpu,mnist,dev
+EXTRAS ?= cpu,mnist,slurm,tune,dev
 
 .PHONY: run test lint setup clean
 

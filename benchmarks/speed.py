@@ -1,15 +1,19 @@
-"""Speed of targetgen's training steps, measured in one process.
+"""Speed of targetgen's training steps against the machine's limit, measured in one process.
 
-1. targetgen's standard trainer step vs a minimal tutorial-faithful loop on the
-   same models and data (goal: ratio >= 1.0, the framework adds no overhead);
-2. the decomposed step vs the standard step (goal: <= 1.0 at N1 = N2 = 1), and
-   N1 in {1, 2, 5}, N2 in {1, 2}.
+For each thread count and image shape: the PyTorch DCGAN tutorial's loop (fp32, the baseline), and the
+standard, decomposed (N1 = N2 = 1) and IMLE steps in every numeric format — precision (fp32, bf16 autocast)
+× memory format (contiguous, channels-last), × torch.compile (off, on) with ``--compile``. Reported per
+contender: images/s (median of interleaved repetitions, in alternating order, so that drift of the machine
+affects every contender alike), the ratio to the tutorial loop, the FLOPs of one step
+(``torch.utils.flop_counter``'s formulas), and the share of the machine's peak that makes: the peak
+is a 2048² matmul in the same precision on the same threads, measured in the same run.
 
-    python benchmarks/speed.py              # both shapes: 64×64×3 and 32×32×1
-    python benchmarks/speed.py --quick      # fewer repetitions
+    python benchmarks/speed.py                     # both shapes, 1 and 2 threads (about 10 minutes alone)
+    python benchmarks/speed.py --compile           # and every contender compiled (compile time apart)
+    python benchmarks/speed.py --quick --threads 1 --shapes 32x32x1
+    python benchmarks/speed.py --json speed.json   # the numbers, for docs/performance.md
 
-Images/s are medians over interleaved repetitions, in alternating order, so
-that slow drift of the machine affects every contender alike.
+Run it alone: a second process on the cores distorts every figure.
 """
 
 from __future__ import annotations
@@ -17,21 +21,29 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import json
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.optim as optim
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from targetgen.api import Batch
 from targetgen.config import load_config
 from targetgen.training import build_run
+from targetgen.training.builder import bf16_matrix_units, numeric_format
 
 SHAPES = {
     "64x64x3": ["data.image_size=64", "data.channels=3", "model.ngf=64", "model.ndf=64"],
     "32x32x1": ["data.image_size=32", "data.channels=1", "model.ngf=32", "model.ndf=32"],
 }
+STEPS = {"standard": [], "decomposed N1=N2=1": [], "imle": ["targets.options.samples_factor=1"]}
+SOURCE = {"standard": "standard", "decomposed N1=N2=1": "inversion", "imle": "imle"}
+BATCH = 128
 
 
 def tutorial_loop(netG, netD, images, steps, batch_size, nz):
@@ -70,59 +82,185 @@ def strategy_loop(strategy, images, steps, batch_size):
 
 
 def make(shape, targets, *extra):
-    config = load_config(None, [*SHAPES[shape], "train.batch_size=128", *extra], targets)
+    """A built run of ``targets`` at ``shape`` and random images of that shape (the same for every contender)."""
+    config = load_config(None, [*SHAPES[shape], f"train.batch_size={BATCH}", "train.loggers=jsonl", *extra], targets)
     run = build_run(config)
-    images = torch.randn(512, *run.data.image_shape).clamp(-1, 1)  # same data for every contender
+    images = torch.randn(512, *run.data.image_shape).clamp(-1, 1)
+    if run.config.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     return run, images
 
 
-def timed(fn, images_per_call):
-    start = time.perf_counter()
-    fn()
-    return images_per_call / (time.perf_counter() - start)
+def compile_networks(run) -> None:
+    """The networks the step calls, under torch.compile (default mode)."""
+    strategy = run.strategy
+    if hasattr(strategy, "netG"):
+        strategy.netG, strategy.netD = torch.compile(strategy.netG), torch.compile(strategy.netD)
+    else:
+        strategy.regression.generator = torch.compile(strategy.regression.generator)
+        source = strategy.source
+        if hasattr(source, "netD"):
+            source.netD = torch.compile(source.netD)
+
+
+@dataclass
+class Contender:
+    name: str
+    fn: functools.partial
+    precision: str = "fp32"
+    flops: float = 0.0  # of one step
+    compile_s: float | None = None
+    rates: list[float] = field(default_factory=list)
+
+
+class CountFlops(TorchDispatchMode):
+    """FlopCounterMode's formulas (matmuls, convolutions and their backward passes), applied by a plain dispatch
+    mode: FlopCounterMode's own module tracker breaks autograd.grad on an input (the inverse examples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(fn) -> float:
+    """FLOPs of one call of ``fn``."""
+    with CountFlops() as counter:
+        fn()
+    return counter.total
+
+
+def peak(precision: str) -> float:
+    """GFLOP/s of the best of five 2048² matmuls in ``precision`` on the current threads."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def contenders(shape: str, steps: int, with_compile: bool) -> list[Contender]:
+    tutorial_run, images = make(shape, "standard", "train.precision=fp32", "train.channels_last=false")
+    netG, netD = copy.deepcopy(tutorial_run.generator), copy.deepcopy(tutorial_run.strategy.netD)
+    found = [Contender("tutorial loop (fp32)", functools.partial(tutorial_loop, netG, netD, images, steps, BATCH, 100))]
+    for compile_ in (False, True) if with_compile else (False,):
+        for step, extra in STEPS.items():
+            for precision in ("fp32", "bf16"):
+                for layout in ("contiguous", "channels-last"):
+                    run, data = make(
+                        shape,
+                        SOURCE[step],
+                        *extra,
+                        f"train.precision={precision}",
+                        f"train.channels_last={layout == 'channels-last'}",
+                    )
+                    if step == "imle":
+                        run.strategy.on_epoch_start(0)  # its matching: not part of a step's time
+                    name = f"{step}, {precision}, {layout}{', compiled' if compile_ else ''}"
+                    contender = Contender(
+                        name, functools.partial(strategy_loop, run.strategy, data, steps, BATCH), precision
+                    )
+                    if compile_:
+                        compile_networks(run)
+                        started = time.perf_counter()
+                        contender.fn()
+                        contender.compile_s = time.perf_counter() - started
+                    found.append(contender)
+    return found
+
+
+def measure(threads: int, shape: str, reps: int, with_compile: bool) -> dict:
+    torch.set_num_threads(threads)
+    steps = 1 if shape == "64x64x3" else 6
+    peaks = {p: peak(p) for p in ("fp32", "bf16")}
+    found = contenders(shape, steps, with_compile)
+    torch.set_num_threads(threads)  # building a run sets the threads from its config
+    for c in found:
+        c.fn()  # warm-up (oneDNN picks and caches its kernels)
+        c.flops = step_flops(c.fn) / steps
+    for rep in range(reps):
+        for c in found if rep % 2 == 0 else found[::-1]:  # position in the round favours no one
+            started = time.perf_counter()
+            c.fn()
+            c.rates.append(steps * BATCH / (time.perf_counter() - started))
+    base = statistics.median(found[0].rates)
+    rows = []
+    for c in found:
+        rate = statistics.median(c.rates)
+        achieved = c.flops * rate / BATCH / 1e9
+        rows.append(
+            {
+                "contender": c.name,
+                "images_per_s": rate,
+                "vs_tutorial": rate / base,
+                "gflop_per_step": c.flops / 1e9,
+                "gflop_per_s": achieved,
+                "share_of_peak": achieved / peaks[c.precision],
+                "compile_s": c.compile_s,
+            }
+        )
+    return {"threads": threads, "shape": shape, "batch": BATCH, "reps": reps, "peak_gflop_per_s": peaks, "rows": rows}
+
+
+def report(result: dict, default: str) -> None:
+    print(
+        f"\n### {result['shape']}, batch {result['batch']}, {result['threads']} thread(s), median of {result['reps']}"
+    )
+    p = result["peak_gflop_per_s"]
+    print(f"matmul peak (2048², same threads): fp32 {p['fp32']:.0f} GFLOP/s, bf16 {p['bf16']:.0f} GFLOP/s\n")
+    print("| contender | images/s | ÷ tutorial | GFLOP/step | GFLOP/s | share of peak | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    by_name = {}
+    for r in result["rows"]:
+        by_name[r["contender"]] = r
+        mark = " **(default)**" if r["contender"].endswith(default) and "compiled" not in r["contender"] else ""
+        compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "–"
+        print(
+            f"| {r['contender']}{mark} | {r['images_per_s']:.1f} | {r['vs_tutorial']:.2f} | "
+            f"{r['gflop_per_step']:.1f} | {r['gflop_per_s']:.1f} | {100 * r['share_of_peak']:.1f} % | {compile_s} |"
+        )
+    standard, decomposed = by_name[f"standard, {default}"], by_name[f"decomposed N1=N2=1, {default}"]
+    goal = 2.5 if result["shape"] == "64x64x3" else 1.8
+    print(
+        f"\ndefault standard step ÷ fp32 tutorial loop = {standard['vs_tutorial']:.2f} (goal >= {goal}); "
+        f"decomposed time ÷ standard time = {standard['images_per_s'] / decomposed['images_per_s']:.2f} (goal <= 1.0)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--shapes", default="64x64x3,32x32x1")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--compile", action="store_true", help="also every contender under torch.compile")
+    parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args()
-    reps = 3 if args.quick else 5
-    torch.manual_seed(0)
-    for shape in args.shapes.split(","):
-        steps = 3 if shape == "64x64x3" else 10
-        images_per_call = steps * 128
-        std_run, images = make(shape, "standard")
-        netG, netD = copy.deepcopy(std_run.generator), copy.deepcopy(std_run.strategy.netD)
-        contenders = {
-            "tutorial loop": functools.partial(tutorial_loop, netG, netD, images, steps, 128, 100),
-            "standard (targetgen)": functools.partial(strategy_loop, std_run.strategy, images, steps, 128),
-        }
-        for n1 in (1, 2, 5):
-            for n2 in (1, 2):
-                run, _ = make(shape, "inversion", f"targets.options.steps={n1}", f"regression.steps={n2}")
-                contenders[f"decomposed N1={n1} N2={n2}"] = functools.partial(
-                    strategy_loop, run.strategy, images, steps, 128
-                )
-        for fn in contenders.values():  # warm-up
-            fn()
-        rates = {name: [] for name in contenders}
-        for rep in range(reps):
-            # Alternate the order so that position in the round (caches,
-            # clock boost) favours no contender.
-            for name in list(contenders) if rep % 2 == 0 else list(contenders)[::-1]:
-                rates[name].append(timed(contenders[name], images_per_call))
-        median = {name: statistics.median(r) for name, r in rates.items()}
-        base = median["standard (targetgen)"]
-        print(f"\n{shape}, batch 128, {torch.get_num_threads()} threads, median of {reps}")
-        print("| contender | images/s | ÷ standard |\n|---|---|---|")
-        for name, rate in median.items():
-            print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
-        print(
-            f"framework overhead: standard (targetgen) ÷ tutorial loop = {base / median['tutorial loop']:.2f} (goal "
-            ">= 1.0)"
-        )
-        print(f"decomposed N1=N2=1 time ÷ standard time = {base / median['decomposed N1=1 N2=1']:.2f} (goal <= 1.0)")
+    cpu = torch.device("cpu")
+    precision, channels_last, why = numeric_format(load_config(None), cpu)
+    default = f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
+    print(
+        f"torch {torch.__version__}; bf16 matrix units: {bf16_matrix_units(cpu) or 'none'}; "
+        f"train.precision/channels_last auto → {default} ({why})"
+    )
+    results = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        for shape in args.shapes.split(","):
+            results.append(measure(threads, shape, 3 if args.quick else 5, args.compile))
+            report(results[-1], default)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"torch": torch.__version__, "default": default, "results": results}, out, indent=1)
 
 
 if __name__ == "__main__":

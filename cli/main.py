@@ -22,11 +22,28 @@ from targetgen.files import check_writable, write_json
 app = typer.Typer(
     help="Train image generators by separating target generation from regression.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from targetgen import __version__
+
+        say(f"targetgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print targetgen's version and exit.")
+    ] = False,
+) -> None:
+    """Train image generators by separating target generation from regression."""
 
 
 def say(text: str) -> None:
@@ -174,40 +191,146 @@ def _checkpoint_kept(run_dir: Path) -> str:
         return "no checkpoint was written yet"
 
 
+RefineOption = Annotated[
+    str,
+    typer.Option(
+        help="Discriminator-driven sampling: none, latent (Langevin steps on z: DDLS, DGflow), data (steps up D's "
+        "logit on the samples) or drs (rejection sampling); needs a run with a discriminator."
+    ),
+]
+RefineStepsOption = Annotated[int, typer.Option(help="--refine latent / data: steps (D passes per sample).")]
+RefineStepSizeOption = Annotated[float, typer.Option(help="--refine latent / data: the step size η.")]
+RefineNoiseOption = Annotated[
+    float, typer.Option(help="--refine latent: γ (noise std √(2ηγ)); data: the noise std per step.")
+]
+RefinePercentileOption = Annotated[float, typer.Option(help="--refine drs: the logit shift's percentile of F.")]
+
+
+def _refinement(kind: str, steps: int, step_size: float, noise: float, percentile: float):
+    """The --refine options, checked like a config (one line naming the bad value)."""
+    from targetgen.config import EvaluationConfig, from_dict
+    from targetgen.refine import Refinement
+
+    values = {
+        "refine": kind,
+        "refine_steps": steps,
+        "refine_step_size": step_size,
+        "refine_noise": noise,
+        "refine_percentile": percentile,
+    }
+    return Refinement.of(from_dict(EvaluationConfig, values, "evaluation"))
+
+
+CheckpointOption = Annotated[
+    str,
+    typer.Option(
+        help="Which checkpoint: last, best (kept with train.best_metric), step_N (kept with train.keep_checkpoints) "
+        "or the path of a checkpoint file."
+    ),
+]
+
+
 @app.command()
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
-    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("samples.png"),
+    out: Annotated[
+        Path, typer.Option(help="Where they go: a .png grid, an .npz (uint8 N×H×W×C) or a folder of PNGs.")
+    ] = Path("samples.png"),
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", help="grid, png (one file per sample) or npz; default: what --out's name says."),
+    ] = None,
+    checkpoint: CheckpointOption = "last",
+    refine: RefineOption = "none",
+    refine_steps: RefineStepsOption = 25,
+    refine_step_size: RefineStepSizeOption = 0.1,
+    refine_noise: RefineNoiseOption = 0.01,
+    refine_percentile: RefinePercentileOption = 95.0,
     seed: Annotated[int, typer.Option(help="Seed of the latents.")] = 0,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Samples generated at a time: memory stays at one batch. The DCGAN generator's batch norm runs in "
+            "train mode (as in the tutorial), so samples depend on the batches they are generated in."
+        ),
+    ] = 256,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Write a grid of samples from the run's latest checkpoint (the EMA generator when the run kept one).
+    """Write samples of a run (the EMA generator when the run kept one), as a grid, PNGs or an .npz.
 
-    Needs only the run's config.yaml and checkpoint, not its training data.
+    Needs only the run's config.yaml and checkpoint, not its training data. Large --n is generated a
+    batch at a time; PNG folders and .npz files are written as it goes.
     """
     import torch
 
     from targetgen.data import load_data
-    from targetgen.samples import generate, save_samples
+    from targetgen.discriminators import Logit
+    from targetgen.progress import progress_bar
+    from targetgen.refine import Cost, refined_chunks
+    from targetgen.samples import generate_chunks, sample_format, save_samples, write_npz, write_png_folder
     from targetgen.training import load_generator
 
     if n < 1:
         raise TargetgenError(f"--n: expected a positive number of samples, got {n}")
     _check_range("--seed", seed, 0, SEED_MAX)
-    if out.is_dir() or out.suffix.lower() != ".png":
-        raise TargetgenError(f"--out: expected a .png file for the grid, got {out}")
-    if n > GRID_MAX:
+    _check_range("--batch-size", batch_size, 1, 100_000)
+    fmt = sample_format(out, format_)
+    if fmt == "grid" and n > GRID_MAX:
         raise TargetgenError(
-            f"--n: a grid of {n:,} samples would be one PNG of {n:,} tiles; expected at most {GRID_MAX:,}"
+            f"--n: a grid of {n:,} samples would be one PNG of {n:,} tiles; expected at most {GRID_MAX:,} "
+            "(--format png or npz writes any number)"
         )
-    check_writable(out, "the samples")
-    trained = load_generator(run_dir)
-    z = torch.randn(n, *trained.latent_shape, generator=torch.Generator().manual_seed(seed))
-    samples = generate(trained.sampling_generator, z.to(trained.device))
-    # 2-D points are drawn over their (synthetic, always available) data
-    data = load_data(trained.config.data).dataset.images if len(trained.image_shape) == 1 else None
-    save_samples(samples, out, data, title=f"{run_dir.name}")
-    say(f"wrote {n} samples to {out}")
+    check_writable(out / "000000.png" if fmt == "png" else out, "the samples")
+    trained = load_generator(run_dir, checkpoint)
+    if fmt != "grid" and len(trained.image_shape) != 3:
+        raise TargetgenError(f"--format {fmt}: writes images; {run_dir} generates 2-D points (use a .png grid)")
+    refinement = _refinement(refine, refine_steps, refine_step_size, refine_noise, refine_percentile)
+    if refinement.kind != "none" and trained.discriminator is None:
+        raise TargetgenError(f"--refine {refine}: needs a discriminator; '{trained.config.targets.name}' trains none")
+    z = torch.randn(n, *trained.latent_shape, generator=torch.Generator().manual_seed(seed)).to(trained.device)
+    bf16 = trained.config.train.precision == "bf16"
+    bar = progress_bar("samples", console=err_console, disable=not progress)
+    cost = Cost()
+    with bar:
+        task = bar.add_task("sampling", total=n)
+
+        def chunks():
+            g = trained.sampling_generator
+            made = (
+                generate_chunks(g, z, batch_size, bf16)
+                if refinement.kind == "none"
+                else refined_chunks(
+                    g,
+                    Logit(trained.discriminator),
+                    refinement,
+                    z,
+                    batch_size,
+                    lambda part: next(generate_chunks(g, part, len(part), bf16)),
+                    cost,
+                    seed,
+                )
+            )
+            for chunk in made:
+                bar.advance(task, len(chunk))
+                yield chunk.cpu()
+
+        if fmt == "grid":
+            # 2-D points are drawn over their (synthetic, always available) data
+            data = load_data(trained.config.data).dataset.images if len(trained.image_shape) == 1 else None
+            save_samples(torch.cat(list(chunks())), out, data, title=f"{run_dir.name}")
+        elif fmt == "png":
+            write_png_folder(chunks(), out)
+        else:
+            write_npz(chunks(), out, n, trained.image_shape)
+    spent = ""
+    if refinement.kind != "none":
+        c = cost.per_sample()
+        spent = (
+            f", refined ({refine}: {c['refine_d_passes_per_sample']:.3g} D and {c['refine_g_passes_per_sample']:.3g} "
+            f"G passes per sample, {c['refine_seconds_per_1000']:.3g} s per 1,000)"
+        )
+    say(f"wrote {n} samples of {run_dir} (checkpoint {checkpoint}, step {trained.step}){spent} to {out}")
 
 
 def _evaluation_options(base, metrics, features, n, seed, cache_dir, fid_weights):
@@ -258,7 +381,21 @@ WeightsOption = Annotated[
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[Path | None, typer.Argument(help="A run directory (or use --samples).")] = None,
+    samples: Annotated[
+        Path | None,
+        typer.Option(help="Score these images instead of a run's: a folder of images or an .npz (uint8 N×H×W×C)."),
+    ] = None,
+    real: Annotated[
+        str | None,
+        typer.Option(help="With --samples: the real side, a run directory (its data) or a config or preset name."),
+    ] = None,
+    checkpoint: CheckpointOption = "last",
+    refine: RefineOption = "none",
+    refine_steps: RefineStepsOption = 25,
+    refine_step_size: RefineStepSizeOption = 0.1,
+    refine_noise: RefineNoiseOption = 0.01,
+    refine_percentile: RefinePercentileOption = 95.0,
     metrics: MetricsOption = None,
     features: FeaturesOption = None,
     n: NOption = None,
@@ -266,28 +403,74 @@ def evaluate(
     seed: Annotated[int | None, typer.Option(help="Seed of the latents and of the real subset.")] = None,
     cache_dir: CacheOption = None,
     fid_weights: WeightsOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where eval.json goes (default: the run directory, or beside --samples).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Evaluate the latest checkpoint of a run; writes eval.json into the run directory and prints a table."""
+    """Evaluate a run's checkpoint, or images made anywhere (--samples, --real); writes eval.json and prints a table.
+
+    eval.json records the protocol beside the metrics: the number of samples each side, the feature
+    space used, k of precision/recall and of density/coverage, and KID's subset size and count.
+    """
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from targetgen import jsonsafe
-    from targetgen.evaluation import check_evaluation, describe_value
+    from targetgen.evaluation import check_evaluation, describe_value, evaluate_images, protocol
     from targetgen.evaluation import evaluate as run_evaluation
+    from targetgen.progress import progress_bar
     from targetgen.training import config_of_run, load_trained
 
-    config = config_of_run(run_dir)
-    options = _evaluation_options(config.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
-    check_evaluation(options, config.data)  # missing FID weights: said before the run is rebuilt
-    check_writable(run_dir / "eval.json", "the evaluation")  # before minutes of work, not after
-    run = load_trained(run_dir)
-    results = run_evaluation(run, options, ema=ema)
-    record = {"run": str(run_dir), "step": run.step, "ema": ema, "features": options.features, **results}
-    write_json(run_dir / "eval.json", record, "the evaluation", jsonsafe.dumps)
-    table = Table("metric", "value", title=Text(f"{run_dir} (step {run.step})"))
+    if (run_dir is None) == (samples is None):
+        raise TargetgenError("evaluate: give a run directory or --samples (with --real), not both or neither")
+    bar = progress_bar("images", console=err_console, disable=not progress)
+    if samples is not None:
+        from targetgen.config import load_config
+        from targetgen.data import data_shape
+        from targetgen.samples import read_samples
+        from targetgen.training import resolve_device
+
+        if real is None:
+            raise TargetgenError("--samples: needs --real, a run directory or a config whose data are the real side")
+        base = config_of_run(Path(real)) if Path(real).is_dir() else load_config(real)
+        options = _evaluation_options(base.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
+        check_evaluation(options, base.data)
+        target = out or (samples.parent / f"{samples.stem}.eval.json" if samples.suffix else samples / "eval.json")
+        check_writable(target, "the evaluation")
+        shape = data_shape(base.data)
+        count, _, chunks = read_samples(samples, shape[0], shape[1])
+        with bar:
+            results, proto = evaluate_images(count, chunks, base.data, options, resolve_device(base.train.device), bar)
+        record = {"samples": str(samples), "real": real, "protocol": asdict(proto), **results}
+        title = f"{samples} against {real}"
+    else:
+        config = config_of_run(run_dir)
+        options = _evaluation_options(config.evaluation, metrics, features, n, seed, cache_dir, fid_weights)
+        check_evaluation(options, config.data)  # missing FID weights: said before the run is rebuilt
+        target = out or run_dir / "eval.json"
+        check_writable(target, "the evaluation")  # before minutes of work, not after
+        refinement = _refinement(refine, refine_steps, refine_step_size, refine_noise, refine_percentile)
+        trained = load_trained(run_dir, checkpoint)
+        with bar:
+            results = run_evaluation(trained, options, ema=ema, bar=bar, refinement=refinement)
+        proto = protocol(options, trained.config.data, options.n, min(options.n, len(trained.data.dataset)))
+        record = {
+            "run": str(run_dir),
+            "checkpoint": checkpoint,
+            "step": trained.step,
+            "ema": ema,
+            "protocol": asdict(proto),
+            **results,
+        }
+        title = f"{run_dir} (checkpoint {checkpoint}, step {trained.step})"
+    write_json(target, record, "the evaluation", jsonsafe.dumps)
+    table = Table("metric", "value", title=Text(title))
     for key, value in results.items():
         table.add_row(Text(key), Text(describe_value(key, value)))
     console.print(table)
-    say(f"wrote {run_dir / 'eval.json'}")
+    say(f"{proto.features} space, {proto.n_generated} generated vs {proto.n_real} real samples; wrote {target}")
 
 
 @app.command("fid-stats")
@@ -301,11 +484,13 @@ def fid_stats(
     seed: Annotated[int | None, typer.Option(help="Seed of the real subset.")] = None,
     cache_dir: CacheOption = None,
     fid_weights: WeightsOption = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Precompute and cache the real data's feature statistics (used by evaluate and by training's evaluation)."""
     from targetgen.config import load_config
     from targetgen.data import load_data
     from targetgen.evaluation import load_features, real_features, resolve_features
+    from targetgen.progress import progress_bar
     from targetgen.training import resolve_device
 
     path = Path(source)
@@ -319,7 +504,8 @@ def fid_stats(
     options.features = resolve_features(options, config.data)
     data = load_data(config.data)
     extractor = load_features(options.features, resolve_device(config.train.device), options.fid_weights)
-    real = real_features(data, config.data, extractor, options)
+    with (bar := progress_bar("images", console=err_console, disable=not progress)):
+        real = real_features(data, config.data, extractor, options, bar)
     say(
         f"{data.description}: {len(real.features)} images in '{options.features}' space "
         f"({real.features.size(1)}-d), statistics cached"
@@ -371,21 +557,87 @@ def compare(
             help="Add 'standard, G lr = λ2' for every inversion λ2 that differs from standard's lr (default: on).",
         ),
     ] = None,
+    plan_only: Annotated[
+        bool, typer.Option(help="Write the plan (configs/, plan.json) and stop: for --run-index on a cluster.")
+    ] = False,
+    run_index: Annotated[
+        str | None,
+        typer.Option(
+            help="Train one planned run (0 … runs − 1) and write its summary; auto: $SLURM_ARRAY_TASK_ID. Reads the "
+            "plan in --out (compare --plan-only writes it)."
+        ),
+    ] = None,
+    collect: Annotated[
+        bool, typer.Option(help="Write the report from whatever runs of the plan in --out are finished.")
+    ] = False,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local (processes here, --jobs at a time) or submitit (one job array; Slurm where it exists)."
+        ),
+    ] = "local",
+    cluster: Annotated[str, typer.Option(help="--executor submitit: auto, slurm or local.")] = "auto",
+    partition: Annotated[str | None, typer.Option(help="--executor submitit: the Slurm partition.")] = None,
+    minutes: Annotated[int, typer.Option(help="--executor submitit: each job's time limit in minutes.")] = 240,
+    gpus: Annotated[int, typer.Option(help="--executor submitit: GPUs per job.")] = 0,
+    cpus: Annotated[int, typer.Option(help="--executor submitit: CPU cores (training threads) per job.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train every target source × grid point × seed with equal budgets, then write the report.
 
-    Re-running the same command skips finished runs and resumes interrupted ones
-    from their last checkpoint.
+    Re-running the same command skips finished runs and resumes interrupted ones from their last
+    checkpoint. On a cluster: --executor submitit submits one job array; or write the plan with
+    --plan-only, run each task with --run-index auto (e.g. sbatch --array=0-N-1), and report with
+    --collect.
     """
     import shlex
 
-    from targetgen.compare import job_devices, plan_comparison, run_plan, write_plan
+    from targetgen.compare import (
+        ClusterOptions,
+        array_index,
+        job_devices,
+        load_plan,
+        plan_comparison,
+        run_one,
+        run_plan,
+        submit_plan,
+        summary_line,
+        write_plan,
+    )
     from targetgen.report import write_report
     from targetgen.training.rundir import run_lock
 
+    if run_index is not None or collect:
+        given = [
+            o
+            for o, v in (
+                ("--config", config),
+                ("--targets", targets),
+                ("--seeds", seeds),
+                ("--grid", grid),
+                ("--set", set_),
+                ("--plan-only", plan_only),
+            )
+            if v
+        ]
+        if given or (run_index is not None and collect):
+            mode = "--run-index" if run_index is not None else "--collect"
+            raise TargetgenError(f"{mode} reads the plan in --out; drop {', '.join(given) or '--collect'}")
+        if collect:
+            with run_lock(out, "targetgen compare --collect"):
+                load_plan(out)  # refuses a folder without a plan, in one line
+                say(write_report(out).line())
+            return
+        summary = run_one(out, array_index(run_index))
+        say(f"done {summary_line(summary)}")
+        return
+    if executor not in ("local", "submitit"):
+        raise TargetgenError(f"--executor: expected local or submitit, got {executor!r}")
+    if cluster not in ("auto", "slurm", "local"):
+        raise TargetgenError(f"--cluster: expected auto, slurm or local, got {cluster!r}")
+    _check_range("--minutes", minutes, 1, 60 * 24 * 30)
     plan = plan_comparison(config, out, list(set_ or []), targets, seeds, list(grid or []), control)
-    with run_lock(out, "targetgen compare"):  # one comparison at a time in a folder
+    with run_lock(plan.out, "targetgen compare"):  # one comparison at a time in a folder
         write_plan(plan, shlex.join(["targetgen", *sys.argv[1:]]))
         labels = ", ".join(c.label for c in plan.configurations)
         equal = (
@@ -397,25 +649,104 @@ def compare(
             f"{len(plan.configurations)} configurations × {plan.compare.seeds} seeds = {len(plan.runs)} runs "
             f"({equal}): {labels}"
         )
-        outcome = run_plan(plan, jobs, console, progress, job_devices(devices))
-        paths = write_report(out)
-    say("report: " + ", ".join(str(p) for p in paths))
+        if plan_only:
+            say(
+                f"planned in {plan.out}; train run I with: targetgen compare --out {plan.out} --run-index I "
+                f"(I = 0 … {len(plan.runs) - 1}; --run-index auto reads $SLURM_ARRAY_TASK_ID), then report with "
+                f"targetgen compare --out {plan.out} --collect"
+            )
+            return
+        if executor == "submitit":
+            options = ClusterOptions(cluster, partition, minutes, gpus, cpus, jobs)
+            outcome = submit_plan(plan, options, console, progress)
+        else:
+            outcome = run_plan(plan, jobs, console, progress, job_devices(devices))
+        written = write_report(plan.out)
+    say(written.line())
     if outcome.failed:
         names = ", ".join(name for name, _ in outcome.failed)
         raise TargetgenError(
-            f"{len(outcome.failed)} runs failed ({names}); their logs are in {out / 'logs'}; "
+            f"{len(outcome.failed)} runs failed ({names}); their logs are in {plan.out / 'logs'}; "
             "fix the cause and run the same command again to retry them"
         )
+
+
+@app.command()
+def tune(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The search space: a base config, a tune section and families.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder of the study: study.db, runs/, logs/, tune_report.md.")],
+    trials: Annotated[int | None, typer.Option(help="Trials per family (tune.trials).")] = None,
+    set_: SetOption = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="The study's database URL (default: SQLite in --out), e.g. postgresql://host/db for workers "
+            "on several machines."
+        ),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Trials trained at a time by this worker (the CPU threads shared).")] = 1,
+    worker: Annotated[
+        int, typer.Option(help="This worker's number when several share a study (seeds its sampler).")
+    ] = 0,
+    confirm: Annotated[
+        int, typer.Option(help="Then rerun each family's best with this many seeds (0: no confirmation).")
+    ] = 0,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar of --confirm.")] = True,
+) -> None:
+    """Search every family of configurations with the same number of trials (Lucic et al. 2018) in an Optuna study.
+
+    Every trial is an ordinary run with the same budget; re-running the same command continues the study to
+    --trials (a worker killed mid-trial is retried, its run resumed). Writes tune_report.md: the expected best
+    score after k trials per family, every trial, and each family's best configuration.
+    """
+    import shlex
+
+    from targetgen.files import atomic_write
+    from targetgen.tune import confirm as confirm_best
+    from targetgen.tune import load_space, write_tune_report
+    from targetgen.tune import tune as run_tune
+
+    overrides = list(set_ or [])
+    if trials is not None:
+        if trials < 1:
+            raise TargetgenError(f"--trials: expected at least 1 trial per family, got {trials}")
+        overrides.append(f"tune.trials={trials}")
+    _check_range("--confirm", confirm, 0, 1000)
+    _check_range("--worker", worker, 0, 10_000)
+    space = load_space(config, out, overrides)
+    space.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(space.out / "command.txt", shlex.join(["targetgen", *sys.argv[1:]]) + "\n", "tune command")
+    families = ", ".join(f"{f.name} ({len(f.space)} keys)" for f in space.families)
+    say(
+        f"{len(space.families)} families × {space.tune.trials} trials ({space.tune.sampler} search, equal "
+        f"{space.tune.budget}): {families}"
+    )
+    ended = run_tune(space, storage, jobs, console, worker)
+    paths = write_tune_report(space.out, storage)
+    say(
+        f"{ended['done']} trials done, {ended['failed']} failed, {ended['pruned']} pruned here; report: "
+        + ", ".join(str(p) for p in paths)
+    )
+    if confirm:
+        say(confirm_best(space, confirm, jobs, console, progress, storage).line())
 
 
 @app.command()
 def report(
     out: Annotated[Path, typer.Argument(help="The folder of a comparison (targetgen compare --out).")],
 ) -> None:
-    """Rebuild results.csv, report.md, curves.png and samples.png from a comparison's finished runs."""
+    """Rebuild a comparison's report (results.csv, report.md, curves.png, samples.png) from its finished runs,
+    or a tuning study's (tune_report.md, tune_curves.png)."""
     from targetgen.report import write_report
 
-    say("wrote " + ", ".join(str(p) for p in write_report(out)))
+    if (out / "tune.json").is_file():
+        from targetgen.tune import write_tune_report
+
+        say("wrote " + ", ".join(str(p) for p in write_tune_report(out)))
+        return
+    say(write_report(out).line())
 
 
 @app.command()

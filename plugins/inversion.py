@@ -55,6 +55,9 @@ class InversionOptions:
     d_lr: float = bounded(0.0002, gt=0)
     d_betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)
     gp_weight: float = bounded(10.0, ge=0)  # wgan-gp only
+    # What the discriminator's fake term sees: the samples G(z) (the GAN step), their inverse examples x' (D is
+    # trained where its gradient is followed, as in xICFG), or both (the mean of the two terms)
+    d_fakes: Literal["samples", "targets", "both"] = "samples"
 
 
 def _ones_like(output: Tensor) -> Tensor:
@@ -106,6 +109,7 @@ class DiscriminatorInversion(TargetSource):
 
     name = "inversion"
     Options = InversionOptions
+    trains_discriminator = True
 
     def __init__(self, options: InversionOptions, context: TrainingContext):
         super().__init__(options, context)
@@ -128,8 +132,15 @@ class DiscriminatorInversion(TargetSource):
     # -- the step ---------------------------------------------------------------------------
 
     def update(self, batch: Batch, step: int) -> dict[str, float]:
-        """Phase 1: one discriminator step on the batch against the step's samples."""
-        return self.update_discriminator(batch.images.to(self.context.device), self.generated(batch).x.detach())
+        """Phase 1: one discriminator step on the batch against the step's samples (``d_fakes``: or against
+        their inverse examples under the discriminator as it is, or both)."""
+        samples = self.generated(batch).x.detach()
+        if self.options.d_fakes == "samples":
+            fakes = [samples]
+        else:
+            targets = self.inverse_examples(samples, step)[0]
+            fakes = [targets] if self.options.d_fakes == "targets" else [samples, targets]
+        return self.update_discriminator(batch.images.to(self.context.device), fakes, step)
 
     def propose(self, batch: Batch, step: int) -> Targets:
         """Phase 2: inverse examples of the step's samples (the discriminator is only read)."""
@@ -139,23 +150,33 @@ class DiscriminatorInversion(TargetSource):
         stats = {"d_fake_before_inversion": d_before, "lambda1": self.lambda1(step)}
         return Targets(z=generated.z, x=x_prime, stats=stats, prediction=fake)
 
-    def update_discriminator(self, real: Tensor, fake: Tensor) -> dict[str, float]:
-        """One discriminator step, the real and fake terms backpropagated in turn as in the tutorial."""
+    def update_discriminator(self, real: Tensor, fakes: list[Tensor] | Tensor, step: int = 0) -> dict[str, float]:
+        """One discriminator step, the real and fake terms backpropagated in turn as in the tutorial (several
+        fake batches: the mean of their terms), then the run's regularizers (``context.penalty``)."""
         kind = self.options.d_loss
+        fakes = [fakes] if isinstance(fakes, Tensor) else fakes
         self.netD.zero_grad()
         out_real = require_finite(self.netD(real).view(-1), "D(x)")
         err_real = _d_terms(kind, out_real, None)
         err_real.backward()
-        out_fake = require_finite(self.netD(fake).view(-1), "D(G(z))")
-        err_fake = _d_terms(kind, None, out_fake)
-        err_fake.backward()
+        err_fake, d_fake = 0.0, 0.0
+        for fake in fakes:
+            out_fake = require_finite(self.netD(fake).view(-1), "D(G(z))")
+            term = _d_terms(kind, None, out_fake) / len(fakes)
+            term.backward()
+            err_fake, d_fake = err_fake + term.detach(), d_fake + out_fake.mean().detach() / len(fakes)
         errD = err_real + err_fake
         if kind == "wgan-gp":
-            penalty = self.options.gp_weight * self.gradient_penalty(real, fake)
+            penalty = self.options.gp_weight * self.gradient_penalty(real, fakes[0])
             penalty.backward()
             errD = errD + penalty
+        if (
+            self.context.penalty is not None
+            and (penalty := self.context.penalty(self.netD, real, fakes[0], step)) is not None
+        ):
+            penalty.backward()
         self.optimizerD.step()
-        return {"d_loss": errD.detach(), "d_real": out_real.mean().detach(), "d_fake": out_fake.mean().detach()}
+        return {"d_loss": errD.detach(), "d_real": out_real.mean().detach(), "d_fake": d_fake}
 
     def gradient_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
         shape = (real.size(0),) + (1,) * (real.dim() - 1)
@@ -208,6 +229,9 @@ class DiscriminatorInversion(TargetSource):
         moved = (x_prime - targets.prediction.detach()).flatten(1).norm(dim=1).mean().item()
         d_after = forward_preserving_buffers(self.plain_netD, x_prime).mean().item()
         return {"d_fake_after_inversion": d_after, "target_distance": moved}
+
+    def discriminator(self):
+        return self.plain_netD
 
     def state_dict(self) -> dict:
         return {"netD": self.plain_netD.state_dict(), "optimizerD": self.optimizerD.state_dict()}

@@ -70,6 +70,9 @@ class Targets:
     # forward pass, which keeps the decomposed step as cheap as the standard one
     # and updates BatchNorm statistics exactly once, as the standard step does.
     prediction: Tensor | None = None
+    # A pool of pairs to fit for regression.pool_epochs epochs of minibatches (cfg's), rather than one step's
+    # batch to take N2 steps on; an empty Targets (no pairs) fits nothing this step.
+    pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class TrainingContext:
     # ``sigmoid=True`` ends it with the DCGAN tutorial's Sigmoid (for BCE).
     make_discriminator: Callable[..., nn.Module] | None = None
     precision: str = "fp32"  # the run's resolved train.precision: fp32 or bf16
+    # The run's discriminator regularizers (the ``discriminator`` section: R1 / R2): call it as
+    # ``penalty(netD, real, fake, step)`` inside a discriminator update and backpropagate what it returns (None:
+    # nothing due at this step). make_discriminator already applies discriminator.spectral_norm.
+    penalty: Callable[..., Tensor | None] | None = None
 
     def generating(self):
         """A context for a source's own generator passes without gradients (IMLE's pool): bf16 autocast in a
@@ -118,6 +125,8 @@ class TargetSource(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    # Whether the source trains a discriminator (the ``discriminator`` section's regularizers then apply to it)
+    trains_discriminator: ClassVar[bool] = False
 
     def __init__(self, options: Any, context: TrainingContext) -> None:
         self.options = options
@@ -152,6 +161,25 @@ class TargetSource(ABC):
         """Statistics too costly for every step; called only on logging steps,
         after the regression step, with this step's targets."""
         return {}
+
+    def discriminator(self) -> nn.Module | None:
+        """The discriminator this source trains (the plain network), for test-time refinement
+        (``targetgen sample --refine``) and the discriminator regularizers; None when it has none."""
+        return None
+
+    def sampler(self, generator: nn.Module) -> nn.Module:
+        """What samples come from, given the trained generator: the generator itself, unless the source's model
+        is more than that (cfg: the generator followed by its discriminator steps). sample, evaluate and in-run
+        evaluation score this."""
+        return generator
+
+    @classmethod
+    def restored_sampler(
+        cls, options: Any, state: dict, generator: nn.Module, make_discriminator: Callable[..., nn.Module]
+    ) -> nn.Module:
+        """``sampler`` of a trained source, rebuilt from its checkpoint ``state`` alone: ``targetgen sample``
+        needs no training data. Default: the generator."""
+        return generator
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (networks, optimizers, matches)."""

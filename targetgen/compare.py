@@ -51,7 +51,7 @@ from rich.text import Text
 
 from . import jsonsafe, registry
 from .config import SEED_MAX, Config, apply_override, bounded, from_dict, parse_yaml, read_yaml, set_dotted
-from .errors import ConfigError, Interrupted, TargetgenError, Terminated
+from .errors import ConfigError, Interrupted, RunDirectoryError, TargetgenError, Terminated
 from .files import atomic_write, write_json
 from .progress import progress_bar
 from .registry import STANDARD, options_class
@@ -131,6 +131,8 @@ def _applies(key: str, source: str) -> bool:
         return rest.startswith("options.") and rest.split(".")[1] in _options_fields(source)
     if section == "regression":
         return source != STANDARD  # the standard GAN has no regression engine
+    if section == "discriminator":  # its regularizers: for the sources that train one
+        return source == STANDARD or getattr(registry.load("targets", source), "trains_discriminator", False)
     return True
 
 
@@ -308,7 +310,9 @@ def plan_comparison(
     grid: list[str] = (),
     control: bool | None = None,
 ) -> Plan:
-    """Every run of the comparison, validated (types, option names) before anything trains."""
+    """Every run of the comparison, validated (types, option names) before anything trains. Paths are
+    stored resolved: ``runs/c`` and ``/home/me/runs/c`` are the same plan."""
+    out = Path(out).resolve()
     raw = read_yaml(config_path) if config_path is not None else {}
     for assignment in overrides:
         apply_override(raw, assignment)
@@ -436,6 +440,26 @@ def write_plan(plan: Plan, command: str) -> None:
     atomic_write(plan.out / "command.txt", command + "\n", "comparison command")
 
 
+def load_plan(out: Path) -> Plan:
+    """The plan a comparison folder holds (``plan.json`` and ``configs/``), as ``plan_comparison`` made it."""
+    out = Path(out).resolve()
+    if not (out / "plan.json").is_file():
+        raise RunDirectoryError(
+            f"{out} holds no comparison (no plan.json); plan one with targetgen compare --plan-only --out {out}"
+        )
+    entries = json.loads((out / "plan.json").read_text())
+    configurations: dict[str, Configuration] = {}
+    runs = []
+    for entry in entries:
+        c = configurations.setdefault(
+            entry["label"], Configuration(entry["label"], entry["source"], entry["settings"], entry["control"])
+        )
+        runs.append(PlannedRun(entry["name"], c, entry["seed"], read_yaml(out / "configs" / f"{entry['name']}.yaml")))
+    seeds = max((sum(r.configuration is c for r in runs) for c in configurations.values()), default=1)
+    budget = entries[0].get("budget", "steps") if entries else "steps"
+    return Plan(out, CompareConfig(seeds=seeds, budget=budget), list(configurations.values()), runs)
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -466,7 +490,8 @@ def final_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     lines = read_metrics(run_dir / METRICS)
     evaluations = [line for line in lines if any(k.startswith("eval/") for k in line)]
     metrics = {k[5:]: v for k, v in evaluations[-1].items() if k.startswith("eval/")} if evaluations else {}
-    return metrics, lines[-1] if lines else {}
+    steps = [line for line in lines if "train_s" in line]  # not a --allow-config-change record
+    return metrics, steps[-1] if steps else {}
 
 
 def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: float) -> dict[str, Any]:
@@ -650,3 +675,134 @@ def _wait_until_free(run_dir: Path, seconds: float = 30.0) -> None:
 def _last_line(path: Path) -> str:
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "(no output)"
+
+
+# ----------------------------------------------------------------------------- one run, and clusters
+
+
+def array_index(text: str) -> int:
+    """``--run-index``: a number, or ``auto`` for the task's index in a Slurm (or submitit) job array."""
+    if text != "auto":
+        if not text.isdigit():
+            raise ConfigError(f"--run-index: expected a run number or auto, got {text!r}")
+        return int(text)
+    for variable in ("SLURM_ARRAY_TASK_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    raise ConfigError("--run-index auto: $SLURM_ARRAY_TASK_ID is not set (not inside a Slurm job array)")
+
+
+def job_environment(cores: int | None = None) -> dict[str, str]:
+    """The environment of one training job that has ``cores`` (default: $SLURM_CPUS_PER_TASK, else the machine's)."""
+    env = dict(os.environ)
+    given = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    cores = cores or (int(given) if given.isdigit() else os.cpu_count() or 1)
+    threads = str(job_threads(env, 1, cores))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TARGETGEN_PARENT_PID=str(os.getpid()))
+    return env
+
+
+def run_one(out: Path, index: int) -> dict[str, Any]:
+    """Train run ``index`` of the plan in ``out`` (resuming it when it has a checkpoint, skipping it when it is
+    finished) and write its summary.json: one task of a job array. Raises a TargetgenError naming the run and
+    the last line of its log when its training fails."""
+    plan = load_plan(out)
+    if not 0 <= index < len(plan.runs):
+        raise ConfigError(
+            f"--run-index: {index} is beyond the plan in {plan.out}, which has {len(plan.runs)} runs "
+            f"(0 to {len(plan.runs) - 1})"
+        )
+    run = plan.runs[index]
+    if is_finished(plan.run_dir(run)):
+        return json.loads((plan.run_dir(run) / "summary.json").read_text())
+    command, resumed_from = _command(plan, run)
+    (plan.out / "logs").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    with (plan.out / "logs" / f"{run.name}.log").open("a") as log:
+        what = f"resuming from step {resumed_from}" if resumed_from is not None else "starting"
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what} (run {index}): {' '.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=job_environment()).returncode
+    if code != 0:
+        raise TargetgenError(
+            f"run {index} ({run.name}) failed (exit {code}): {_last_line(plan.out / 'logs' / f'{run.name}.log')}"
+        )
+    return _summarise(plan, run, resumed_from, time.perf_counter() - started)
+
+
+@dataclass
+class ClusterOptions:
+    """``--executor submitit``: where and how the job array runs (submitit.AutoExecutor's parameters)."""
+
+    cluster: str = "auto"  # auto (Slurm where sbatch exists, else local processes) | slurm | local
+    partition: str | None = None
+    minutes: int = 240  # the time limit of each job
+    gpus: int = 0  # per job
+    cpus: int = 1  # per job: its training threads
+    parallel: int = 1  # jobs running at once (Slurm's array parallelism; local: the jobs started at a time)
+
+
+def submit_plan(plan: Plan, options: ClusterOptions, console, progress: bool = True) -> Outcome:
+    """Train every unfinished run of ``plan`` as one submitit job array, wait for them, and say how each ended.
+    A Ctrl-C or SIGTERM cancels the jobs (their checkpoints stay; the same command resumes them)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--executor submitit: needs the submitit package: pip install 'targetgen[slurm]'") from None
+    cluster = None if options.cluster == "auto" else options.cluster
+    executor = submitit.AutoExecutor(folder=str(plan.out / "submitit"), cluster=cluster)
+    executor.update_parameters(
+        timeout_min=int(options.minutes),
+        gpus_per_node=options.gpus,
+        cpus_per_task=options.cpus,
+        name=f"targetgen-{plan.out.name}",
+    )
+    if executor.cluster == "slurm":
+        executor.update_parameters(
+            slurm_array_parallelism=options.parallel,
+            **({"slurm_partition": options.partition} if options.partition else {}),
+        )
+    indices = [i for i, r in enumerate(plan.runs) if not is_finished(plan.run_dir(r))]
+    outcome = Outcome([], [r.name for r in plan.runs if is_finished(plan.run_dir(r))], [])
+    # locally submitit starts every job at once: keep `parallel` of them in flight instead
+    wave = len(indices) if executor.cluster == "slurm" else max(1, options.parallel)
+    bar = progress_bar("runs", extra="running", console=console, disable=not progress)
+    task = bar.add_task("compare", total=len(plan.runs), completed=len(outcome.skipped), running="")
+    waiting, jobs = list(indices), {}
+    with _stop_requests() as stop, bar:
+        while (waiting or jobs) and not stop:
+            if waiting and len(jobs) < wave:
+                batch = waiting[: wave - len(jobs)]
+                del waiting[: len(batch)]
+                with executor.batch():
+                    submitted = [(i, executor.submit(run_one, plan.out, i)) for i in batch]
+                jobs.update((i, job) for i, job in submitted)
+                bar.update(task, running=f"{executor.cluster} jobs: {len(jobs)} running or queued")
+            time.sleep(0.5)
+            for i, job in list(jobs.items()):
+                if not job.done():
+                    continue
+                del jobs[i]
+                name = plan.runs[i].name
+                error = job.exception()
+                if error is None:
+                    summary = job.result()
+                    outcome.finished.append(summary)
+                    console.print(Text.assemble(("done", "green"), f" {summary_line(summary)}"), soft_wrap=True)
+                else:
+                    why = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                    outcome.failed.append((name, why))
+                    console.print(
+                        Text.assemble(("failed", "red"), f" {name} (job {job.job_id}): {why}"), soft_wrap=True
+                    )
+                bar.update(task, advance=1)
+        if stop:
+            for job in jobs.values():
+                job.cancel(check=False)
+            terminated = stop[0] == signal.SIGTERM
+            raise Interrupted(
+                f"comparison {'terminated' if terminated else 'interrupted'}; its jobs were cancelled, their "
+                f"checkpoints kept; run the same command again to resume it ({plan.out})",
+                exit_code=143 if terminated else 130,
+            )
+    return outcome

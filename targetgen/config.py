@@ -172,6 +172,19 @@ class TargetsConfig:
 
 
 @dataclass
+class DiscriminatorConfig:
+    """Regularizers of every discriminator a run trains (the standard GAN's, inversion's, cfg's), so that a
+    control trains its D alike. Off by default."""
+
+    # torch's spectral-norm parametrization on every layer (Miyato et al. 2018); the DCGAN discriminator's batch
+    # norms are then left out, as in StudioGAN's and DGflow's SN discriminators
+    spectral_norm: bool = False
+    r1: float = bounded(0.0, ge=0)  # γ of R1 = γ/2 · E‖∇x D(x_real)‖² on D's logit (Mescheder et al. 2018); 0: off
+    r2: float = bounded(0.0, ge=0)  # the same penalty on generated samples
+    reg_every: int = bounded(1, ge=1)  # lazy regularization: the penalties every N steps, weighted × N (StyleGAN2)
+
+
+@dataclass
 class StandardOptions:
     """``targets.options`` of the standard GAN (``targets.name: standard``): the DCGAN tutorial's optimisers."""
 
@@ -186,9 +199,19 @@ class RegressionConfig:
     reduction: Literal["sum", "mean"] = "sum"  # sum reproduces the GAN step (docs/design.md)
     lr: float = bounded(0.0002, gt=0)  # λ2; each of the N2 steps uses λ2 / N2
     steps: int = bounded(1, ge=1)  # N2
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
     betas: tuple[float, float] = bounded((0.5, 0.999), ge=0, lt=1)  # adam
     momentum: float = bounded(0.0, ge=0, lt=1)  # sgd
+    alpha: float = bounded(0.99, gt=0, lt=1)  # rmsprop's smoothing (xICFG: 0.95)
+    eps: float = bounded(1e-8, gt=0)  # adam's and rmsprop's ε (xICFG: 1e-18)
+    # Pool mode, for sources whose targets are a pool of pairs (cfg): fit the pool for pool_epochs epochs of
+    # shuffled minibatches of pool_batch at lr; an epoch whose mean loss rose cuts the lr × decay_on_rise, at
+    # most max_decays times; fresh_optimizer: a new optimizer (and the lr reset) for every pool, as xICFG does.
+    pool_epochs: int = bounded(10, ge=1)
+    pool_batch: int = bounded(64, ge=1)
+    decay_on_rise: float = bounded(1.0, gt=0, le=1)  # 1: no decay (xICFG: 0.1)
+    max_decays: int = bounded(3, ge=0)
+    fresh_optimizer: bool = False
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_fraction: float = bounded(0.0, ge=0, le=1)  # linear / cosine: λ2 at the end, as a fraction of lr
     ema: float | None = bounded(None, gt=0, lt=1)  # decay of an EMA copy of the generator used for samples
@@ -211,6 +234,14 @@ class EvaluationConfig:
     k: int | None = bounded(None, ge=1)
     n: int = bounded(2048, ge=4, le=EVALUATION_MAX_N)  # generated and real samples (the paper: 2048 vs 2048)
     seed: int = bounded(0, ge=0, le=SEED_MAX)  # latents and the real subset; fixed so that evaluations compare
+    # Discriminator-driven sampling (docs/evaluation.md): in-run evaluations score the refined samples too
+    # (eval/refined/...), sample and evaluate use it with --refine. latent: Langevin steps on z (DDLS, DGflow);
+    # data: steps up D's logit on the samples (the run's own inverse examples at test time); drs: rejection.
+    refine: Literal["none", "latent", "data", "drs"] = "none"
+    refine_steps: int = bounded(25, ge=1)  # latent / data: D passes per sample
+    refine_step_size: float = bounded(0.1, gt=0)  # latent: η; data: the step up D's logit
+    refine_noise: float = bounded(0.01, ge=0)  # latent: γ, noise std √(2ηγ); data: the noise std per step
+    refine_percentile: float = bounded(95.0, gt=0, lt=100)  # drs: the logit shift γ, a percentile of F
     cache_dir: str | None = None  # real statistics; None: ~/.cache/targetgen
     fid_weights: str | None = None  # path of pt_inception-2015-12-05-6726825d.pth
 
@@ -223,6 +254,7 @@ class Config:
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -14,21 +14,35 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import Progress
 from torch import Tensor, nn
 
 from . import registry
 from .config import Config, DataConfig, EvaluationConfig
-from .data import ImageFiles, IndexedDataset, TensorImages, TrainingData, iterate_batches, mixture_means, mixture_std
+from .data import (
+    ImageFiles,
+    IndexedDataset,
+    TensorImages,
+    TrainingData,
+    iterate_batches,
+    load_data,
+    mixture_means,
+    mixture_std,
+)
+from .discriminators import Logit
 from .errors import ConfigError
 from .features import find_fid_weights
 from .files import atomic_write
 from .metrics import (
     DENSITY_COVERAGE_K,
+    KID_SUBSET_SIZE,
+    KID_SUBSETS,
     MODE_SAMPLES,
     PRECISION_RECALL_K,
     Statistics,
@@ -39,7 +53,8 @@ from .metrics import (
     mode_metrics,
     precision_recall_density_coverage,
 )
-from .samples import generate
+from .refine import Cost, Refinement, refined_chunks
+from .samples import generate, generate_chunks
 
 METRICS = ("fid", "pr", "modes", "classes")
 # The feature space that evaluation uses for a data source unless told otherwise; inception for the rest.
@@ -124,11 +139,16 @@ def fingerprint(data: TrainingData, config: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def real_subset(data: TrainingData, n: int, seed: int) -> Tensor:
-    """``n`` real images drawn at random with ``seed`` (all of them when there are fewer)."""
+def real_chunks(data: TrainingData, n: int, seed: int):
+    """``n`` real images drawn at random with ``seed`` (all of them when there are fewer), 256 at a time."""
     size = len(data.dataset)
     chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[: min(n, size)]
-    return torch.cat([batch.images for batch in iterate_batches(data.dataset, chosen, 256, 0, drop_last=False)])
+    return (batch.images for batch in iterate_batches(data.dataset, chosen, 256, 0, drop_last=False))
+
+
+def real_subset(data: TrainingData, n: int, seed: int) -> Tensor:
+    """The images of ``real_chunks``, whole."""
+    return torch.cat(list(real_chunks(data, n, seed)))
 
 
 @dataclass
@@ -137,7 +157,9 @@ class RealFeatures:
     statistics: Statistics
 
 
-def real_features(data: TrainingData, config: DataConfig, extractor, evaluation: EvaluationConfig) -> RealFeatures:
+def real_features(
+    data: TrainingData, config: DataConfig, extractor, evaluation: EvaluationConfig, bar: Progress | None = None
+) -> RealFeatures:
     """Features and statistics of the real subset, from the cache when its key matches."""
     key = {
         "fingerprint": fingerprint(data, config),
@@ -162,7 +184,7 @@ def real_features(data: TrainingData, config: DataConfig, extractor, evaluation:
             )
         except (OSError, ValueError, KeyError) as err:
             warnings.warn(f"cached real statistics {path} are unreadable ({err}): recomputing", stacklevel=2)
-    features = extractor(real_subset(data, evaluation.n, evaluation.seed)).float()
+    features, _ = _features(extractor, real_chunks(data, evaluation.n, evaluation.seed), False, bar, "real")
     stats = feature_statistics(features)
     # written whole, then renamed (per process: parallel runs of a comparison may fill the same cache)
     atomic_write(
@@ -173,56 +195,197 @@ def real_features(data: TrainingData, config: DataConfig, extractor, evaluation:
     return RealFeatures(features, stats)
 
 
+# ----------------------------------------------------------------------------- the protocol
+
+
+def kid_subset_size(n: int) -> int:
+    """KID's subset size for ``n`` samples a side: 1000 (Bińkowski et al., torch-fidelity), or half of ``n``
+    when there are not more than 1000, so that the 100 subsets differ and their spread means something."""
+    return KID_SUBSET_SIZE if n > KID_SUBSET_SIZE else max(2, n // 2)
+
+
+@dataclass
+class Protocol:
+    """What an evaluation measured with: eval.json records it beside the metrics."""
+
+    n_generated: int
+    n_real: int
+    features: str  # the feature space used (never "auto")
+    metrics: list[str]
+    k_precision_recall: int
+    k_density_coverage: int
+    kid_subset_size: int
+    kid_subsets: int = KID_SUBSETS
+    seed: int = 0
+    k: int | None = None  # evaluation.k: one k for all four k-NN metrics; None: 3 and 5
+
+
+def protocol(evaluation: EvaluationConfig, data: DataConfig, n_generated: int, n_real: int) -> Protocol:
+    features = resolve_features(evaluation, data)
+    k_pr = evaluation.k or PRECISION_RECALL_K
+    k_dc = evaluation.k or DENSITY_COVERAGE_K
+    return Protocol(
+        n_generated,
+        n_real,
+        features,
+        resolve_metrics(evaluation, data, features),
+        k_pr,
+        k_dc,
+        kid_subset_size(min(n_generated, n_real)),
+        seed=evaluation.seed,
+        k=evaluation.k,
+    )
+
+
 # ----------------------------------------------------------------------------- generated data
+
+
+def generated_latents(latent_shape: tuple[int, ...], n: int, seed: int) -> Tensor:
+    """Evaluation's own latents, from a generator of their own seed: it draws nothing from the training RNG."""
+    return torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed + 7919))
 
 
 def generated_samples(
     generator: nn.Module, latent_shape: tuple[int, ...], n: int, seed: int, device, bf16: bool = False
 ) -> Tensor:
-    """``n`` samples from latents of their own seed: evaluation draws nothing from the training RNG. Generated
-    as the run trains (bf16 autocast in a bf16 run); the metrics are computed in float32 or more."""
-    latents = torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed + 7919))
-    return generate(generator, latents.to(device), chunk=256, bf16=bf16).cpu()
+    """``n`` samples, generated as the run trains (bf16 autocast in a bf16 run); metrics are float32 or more."""
+    return generate(generator, generated_latents(latent_shape, n, seed).to(device), chunk=256, bf16=bf16).cpu()
 
 
-def evaluate(run, evaluation: EvaluationConfig | None = None, ema: bool = False) -> dict[str, float]:
-    """Every chosen metric for the generator of ``run`` (a built or loaded Run)."""
+def _features(extractor, chunks: Iterable[Tensor], classify: bool, bar: Progress | None, what: str):
+    """Features (and class probabilities) of image chunks, a chunk at a time: the images are never all held."""
+    features, probabilities = [], []
+    task = bar.add_task(what, total=None) if bar is not None else None
+    for chunk in chunks:
+        features.append(extractor(chunk).float())
+        if classify:
+            probabilities.append(extractor.classify(chunk))
+        if bar is not None:
+            bar.advance(task, len(chunk))
+    return torch.cat(features), torch.cat(probabilities) if classify else None
+
+
+def score(fake: Tensor, probabilities: Tensor | None, real: RealFeatures | None, proto: Protocol) -> dict[str, float]:
+    """The chosen metrics of generated features against real ones, by ``proto``."""
+    results: dict[str, float] = {}
+    if "fid" in proto.metrics:  # KID beside every FID, named alike: fid_digits, kid_digits, kid_digits_std
+        suffix = "" if proto.features == "inception" else f"_{proto.features}"
+        results[f"fid{suffix}"] = frechet_distance(feature_statistics(fake), real.statistics)
+        if min(len(fake), len(real.features)) <= KID_SUBSET_SIZE:
+            warnings.warn(
+                f"KID: {min(len(fake), len(real.features))} samples a side are not more than its "
+                f"{KID_SUBSET_SIZE}-sample subsets, which would all be the whole set (a spread of 0); "
+                f"subsets of {proto.kid_subset_size} instead",
+                stacklevel=2,
+            )
+        kid, kid_std = kernel_inception_distance(
+            real.features, fake, proto.kid_subsets, proto.kid_subset_size, seed=proto.seed
+        )
+        results[f"kid{suffix}"], results[f"kid{suffix}_std"] = kid, kid_std
+    if "pr" in proto.metrics:
+        results.update(precision_recall_density_coverage(real.features, fake, proto.k))
+    if "classes" in proto.metrics:
+        results.update(class_metrics(probabilities))
+    return results
+
+
+def evaluate(
+    run,
+    evaluation: EvaluationConfig | None = None,
+    ema: bool = False,
+    bar: Progress | None = None,
+    refinement: Refinement | None = None,
+) -> dict[str, float]:
+    """Every chosen metric for what ``run`` (a built or loaded Run) generates: its source's model on the trained
+    generator (or on the EMA copy with ``ema``). With ``refinement`` (or ``evaluation.refine``) the refined
+    samples are scored too, as ``refined/...`` beside the raw metrics, with what the refinement cost."""
     config: Config = run.config
     evaluation = evaluation or config.evaluation
-    if evaluation.n < 4:
-        raise ConfigError(f"evaluation.n: expected at least 4 samples, got {evaluation.n}")
-    features_name = resolve_features(evaluation, config.data)
-    chosen = resolve_metrics(evaluation, config.data, features_name)
-    generator = run.generator
-    if ema:
-        generator = run.strategy.sampling_generator()
-        if generator is run.generator:
-            raise ConfigError("--ema: this run keeps no EMA generator (set regression.ema when training)")
-    bf16 = run.config.train.precision == "bf16"
-    samples = generated_samples(
-        generator, tuple(run.fixed_noise.shape[1:]), evaluation.n, evaluation.seed, run.device, bf16
-    )
+    if ema and run.strategy.sampling_generator() is run.generator:
+        raise ConfigError("--ema: this run keeps no EMA generator (set regression.ema when training)")
+    generator = run.strategy.sampler(ema)
+    bf16 = config.train.precision == "bf16"
+    latent_shape = tuple(run.fixed_noise.shape[1:])
+    proto = protocol(evaluation, config.data, evaluation.n, min(evaluation.n, len(run.data.dataset)))
+    refinement = refinement or Refinement.of(evaluation)
+    discriminator = run.strategy.discriminator() if refinement.kind != "none" else None
+    if refinement.kind != "none" and discriminator is None:
+        raise ConfigError(f"--refine {refinement.kind}: needs a discriminator; '{config.targets.name}' trains none")
     results: dict[str, float] = {"n": float(evaluation.n)}
-    if "modes" in chosen:  # VEEGAN's and PacGAN's protocol: 2,500 samples of their own, whatever n is
-        drawn = generated_samples(
-            generator, tuple(run.fixed_noise.shape[1:]), MODE_SAMPLES, evaluation.seed, run.device
-        )
-        results.update(mode_metrics(drawn, mixture_means(config.data), mixture_std(config.data)))
-    if "fid" in chosen or "pr" in chosen or "classes" in chosen:
-        extractor = load_features(features_name, run.device, evaluation.fid_weights)
-        fake = extractor(samples).float()
-        if "fid" in chosen or "pr" in chosen:
-            real = real_features(run.data, config.data, extractor, evaluation)
-            if "fid" in chosen:  # KID beside every FID, named alike: fid_digits, kid_digits, kid_digits_std
-                suffix = "" if features_name == "inception" else f"_{features_name}"
-                results[f"fid{suffix}"] = frechet_distance(feature_statistics(fake), real.statistics)
-                kid, kid_std = kernel_inception_distance(real.features, fake, seed=evaluation.seed)
-                results[f"kid{suffix}"], results[f"kid{suffix}_std"] = kid, kid_std
-            if "pr" in chosen:
-                results.update(precision_recall_density_coverage(real.features, fake, evaluation.k))
-        if "classes" in chosen:
-            results.update(class_metrics(extractor.classify(samples)))
+    if "modes" in proto.metrics:  # VEEGAN's and PacGAN's protocol: 2,500 samples of their own, whatever n is
+        drawn = generated_samples(generator, latent_shape, MODE_SAMPLES, evaluation.seed, run.device, bf16)
+        means, std = mixture_means(config.data), mixture_std(config.data)
+        results.update(mode_metrics(drawn, means, std))
+        if discriminator is not None:
+            cost = Cost()
+            latents = generated_latents(latent_shape, MODE_SAMPLES, evaluation.seed).to(run.device)
+            refined = refined_chunks(
+                generator,
+                Logit(discriminator),
+                refinement,
+                latents,
+                256,
+                _generating(generator, bf16),
+                cost,
+                evaluation.seed,
+            )
+            points = torch.cat([c.cpu() for c in refined])
+            results.update({f"refined/{k}": v for k, v in mode_metrics(points, means, std).items()})
+            results.update(cost.per_sample())
+    if {"fid", "pr", "classes"} & set(proto.metrics):
+        extractor = load_features(proto.features, run.device, evaluation.fid_weights)
+        latents = generated_latents(latent_shape, evaluation.n, evaluation.seed).to(run.device)
+        chunks = (c.cpu() for c in generate_chunks(generator, latents, 256, bf16))
+        fake, probabilities = _features(extractor, chunks, "classes" in proto.metrics, bar, "generated")
+        wanted = {"fid", "pr"} & set(proto.metrics)
+        real = real_features(run.data, config.data, extractor, evaluation, bar) if wanted else None
+        results.update(score(fake, probabilities, real, proto))
+        if discriminator is not None:
+            cost = Cost()
+            refined = refined_chunks(
+                generator,
+                Logit(discriminator),
+                refinement,
+                latents,
+                256,
+                _generating(generator, bf16),
+                cost,
+                evaluation.seed,
+            )
+            fake, probabilities = _features(
+                extractor, (c.cpu() for c in refined), "classes" in proto.metrics, bar, "refined"
+            )
+            results.update({f"refined/{k}": v for k, v in score(fake, probabilities, real, proto).items()})
+            results.update(cost.per_sample())
     return results
+
+
+def _generating(generator: nn.Module, bf16: bool):
+    """How the run generates one chunk, as a function of its latents (``generate_chunks``' way)."""
+    return lambda z: next(generate_chunks(generator, z, len(z), bf16))
+
+
+def evaluate_images(
+    count: int,
+    chunks: Iterable[Tensor],
+    data: DataConfig,
+    evaluation: EvaluationConfig,
+    device,
+    bar: Progress | None = None,
+) -> tuple[dict[str, float], Protocol]:
+    """The chosen metrics of images made anywhere (``count`` of them, in chunks in [-1, 1]) against the real
+    data of ``data``, in the same feature space and protocol as a run's evaluation."""
+    if data.name == "toy2d":
+        raise ConfigError("--samples: scores images; toy2d's real data are 2-D points")
+    real_data = load_data(data)
+    proto = protocol(evaluation, data, count, min(evaluation.n, len(real_data.dataset)))
+    if "modes" in proto.metrics:
+        raise ConfigError("--metrics modes: counts the modes of toy2d points, not of images")
+    extractor = load_features(proto.features, device, evaluation.fid_weights)
+    fake, probabilities = _features(extractor, chunks, "classes" in proto.metrics, bar, "samples")
+    wanted = {"fid", "pr"} & set(proto.metrics)
+    real = real_features(real_data, data, extractor, evaluation, bar) if wanted else None
+    return {"n": float(count), **score(fake, probabilities, real, proto)}, proto
 
 
 def metric_names(evaluation: EvaluationConfig, data: DataConfig) -> list[str]:

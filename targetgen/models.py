@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .config import ModelConfig
+from .discriminators import with_spectral_norm
 from .errors import ConfigError
 
 IMAGE_SIZES = (16, 32, 64, 128)
@@ -58,14 +59,14 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, sigmoid: bool = True):
+    def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, sigmoid: bool = True, batchnorm: bool = True):
         super().__init__()
         n = _blocks(image_size)
         layers: list[nn.Module] = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
         for i in range(1, n):
             layers += [
                 nn.Conv2d(ndf * 2 ** (i - 1), ndf * 2**i, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(ndf * 2**i),
+                *([nn.BatchNorm2d(ndf * 2**i)] if batchnorm else []),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
         layers.append(nn.Conv2d(ndf * 2 ** (n - 1), 1, 4, 1, 0, bias=False))
@@ -204,11 +205,18 @@ def build_generator(image_shape: tuple[int, ...], model: ModelConfig) -> nn.Modu
     return netG
 
 
-def build_discriminator(image_shape: tuple[int, ...], model: ModelConfig, sigmoid: bool = True) -> nn.Module:
+def build_discriminator(
+    image_shape: tuple[int, ...], model: ModelConfig, sigmoid: bool = True, spectral_norm: bool = False
+) -> nn.Module:
+    """The discriminator for ``image_shape``; with ``spectral_norm`` every layer is spectrally normalised (after
+    the tutorial's initialisation) and the DCGAN's batch norms are left out (``discriminators.with_spectral_norm``)."""
     if len(image_shape) == 1:
-        return MLPDiscriminator(discriminator_spec(model), image_shape[0], sigmoid)
-    netD = Discriminator(model.ndf, image_shape[0], image_shape[1], sigmoid)
-    netD.apply(weights_init)
+        netD = MLPDiscriminator(discriminator_spec(model), image_shape[0], sigmoid)
+    else:
+        netD = Discriminator(model.ndf, image_shape[0], image_shape[1], sigmoid, batchnorm=not spectral_norm)
+        netD.apply(weights_init)
+    if spectral_norm:
+        with_spectral_norm(netD)
     return netD
 
 

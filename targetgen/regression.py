@@ -72,17 +72,65 @@ class RegressionEngine:
         self.losses = [
             (registry.load("losses", name, f"regression.loss.{name}"), weight) for name, weight in config.loss.items()
         ]
-        params = generator.parameters()
-        if config.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=config.lr / config.steps, betas=config.betas)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=config.lr / config.steps, momentum=config.momentum)
+        self.optimizer = self.new_optimizer(config.lr / config.steps)
+        self.decays = 0  # pool mode: lr cuts so far (reset with a fresh optimizer)
         self.ema = (
             AveragedModel(unwrap(generator), multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
             if config.ema is not None
             else None
         )
         self.replay = ReplayPool(config.replay) if config.replay is not None else None
+
+    def new_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        c, params = self.config, self.generator.parameters()
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, betas=c.betas, eps=c.eps)
+        if c.optimizer == "rmsprop":
+            return torch.optim.RMSprop(params, lr=lr, alpha=c.alpha, eps=c.eps)
+        return torch.optim.SGD(params, lr=lr, momentum=c.momentum)
+
+    def fit_pool(self, targets: Targets, step: int) -> dict[str, Tensor | float]:
+        """Fit a pool of pairs: ``pool_epochs`` epochs of shuffled minibatches of ``pool_batch`` at the step's lr,
+        each pair's δ2 averaged over the minibatch (xICFG's ½‖G(z) − x'‖² per sample); an epoch whose mean loss
+        rose cuts the lr × ``decay_on_rise``, at most ``max_decays`` times. Shuffles draw from torch's global
+        generator, which checkpoints keep."""
+        c = self.config
+        lr = scheduled(c.lr, c.schedule, step, self.total_steps, c.final_fraction)
+        if c.fresh_optimizer:
+            self.optimizer, self.decays = self.new_optimizer(lr), 0
+        z, x_target = targets.z, targets.x.detach()
+        with torch.no_grad():
+            before = torch.cat([forward_preserving_buffers(self.generator, part) for part in z.split(c.pool_batch)])
+        last, first = None, None
+        for _ in range(c.pool_epochs):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * c.decay_on_rise**self.decays
+            losses = []
+            for rows in torch.randperm(len(z)).split(c.pool_batch):
+                rows = rows.to(z.device)
+                prediction = self.generator(z[rows])
+                per_sample = sum(w * fn(prediction, x_target[rows]) for fn, w in self.losses)
+                loss = per_sample.mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                losses.append(loss.detach())
+            mean = torch.stack(losses).mean()
+            first = mean if first is None else first
+            if last is not None and mean > last and self.decays < c.max_decays:
+                self.decays += 1
+            last = mean
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(self.generator))
+        reach = target_reach(unwrap(self.generator), z, before, x_target, self.world_size)
+        distance = (x_target - before).flatten(1).pow(2).mean(1).sqrt().mean()
+        return {
+            "regression_loss": first,
+            "regression_loss_last_epoch": last,
+            "pool_pairs": float(len(z)),
+            "target_reach": reach,
+            "target_distance_per_pixel": distance,
+        }
 
     def loss(self, prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         """δ2: the weighted mix of losses, reduced as configured."""
@@ -102,6 +150,10 @@ class RegressionEngine:
         """N2 optimizer steps of δ2(G(z), x') (with ``until_reach``: as many as it takes, up to
         ``max_steps``); returns diagnostics for the log."""
         c = self.config
+        if len(targets.z) == 0:  # nothing to fit this step (cfg between its pools)
+            return {}
+        if targets.pool:
+            return self.fit_pool(targets, step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.step_size(step)
         z, x_target = targets.z, targets.x.detach()
@@ -148,12 +200,14 @@ class RegressionEngine:
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
+            "decays": self.decays,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "replay": self.replay.batches if self.replay is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.decays = state.get("decays", 0)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.replay is not None:

@@ -212,9 +212,10 @@ def summary_table(groups: list[Group], metrics: list[str]) -> list[str]:
     """One row per configuration, one column per metric (mean ± SE; best in bold), and the training time."""
     stats = {metric: metric_stats(groups, metric) for metric in metrics}
     tops = {metric: best_mean(st, metric) for metric, st in stats.items() if st}
+    columns = ["configuration", *metrics, "steps", "training s", "n"]
     lines = [
-        "| configuration | " + " | ".join(metrics) + " | steps | training s | n |",
-        "|---" * (len(metrics) + 4) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
     ]
     for g in groups:
         if not g.summaries:
@@ -401,13 +402,43 @@ def write_samples(groups: list[Group], out: Path, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(out: Path) -> list[Path]:
-    """All four report files for the comparison in ``out``; returns their paths."""
+@dataclass
+class Written:
+    """What ``write_report`` wrote, and the planned runs it had no summary for."""
+
+    paths: list[Path]
+    finished: int
+    planned: int
+    missing: list[str]
+
+    def line(self) -> str:
+        """One line for the command line."""
+        wrote = "wrote " + ", ".join(str(p) for p in self.paths)
+        if not self.missing:
+            return f"{wrote} ({self.finished} runs)"
+        shown = ", ".join(self.missing[:5]) + (f" and {len(self.missing) - 5} more" if len(self.missing) > 5 else "")
+        return f"{wrote}: {self.finished} of {self.planned} planned runs finished; missing: {shown}"
+
+
+def missing_runs(out: Path) -> list[str]:
+    """The planned runs of ``out`` without a summary (not trained, still training, or failed)."""
+    entries = json.loads((out / "plan.json").read_text())
+    return [e["name"] for e in entries if not (out / "runs" / e["name"] / "summary.json").is_file()]
+
+
+def write_report(out: Path) -> Written:
+    """The report files for the comparison in ``out``, from whatever runs are finished (none: a report.md that
+    says so, and no plots)."""
     groups = load_groups(out)
     metrics = reported_metrics(groups)
     paths = [out / "results.csv", out / "report.md", out / "curves.png", out / "samples.png"]
+    finished = sum(len(g.summaries) for g in groups)
     write_results_csv(groups, paths[0])
     write_report_md(groups, out, metrics)
-    write_curves(groups, out, metrics, paths[2])
-    write_samples(groups, out, paths[3])
-    return [p for p in paths if p.exists()]
+    for stale in paths[2:]:
+        stale.unlink(missing_ok=True)  # never a plot of another set of runs beside this report
+    if finished:
+        write_curves(groups, out, metrics, paths[2])
+        write_samples(groups, out, paths[3])
+    missing = missing_runs(out)
+    return Written([p for p in paths if p.exists()], finished, finished + len(missing), missing)

@@ -1,15 +1,23 @@
-"""Sample pictures: an image grid, or a scatter plot for 2-D toy data."""
+"""Samples: generated in chunks, and written as an image grid (a scatter plot for 2-D toy data), a folder
+of PNGs, or an ``.npz`` of uint8 N×H×W×C (under ``arr_0``: the layout torch-fidelity, clean-fid and
+StudioGAN's evaluators read), the last two streamed so that memory stays at one chunk."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
+from .data import IMAGE_EXTENSIONS
+from .errors import ConfigError, DataError
+from .files import atomic_write
 from .models import forward_preserving_buffers
 
 
@@ -53,3 +61,132 @@ def save_samples(samples: Tensor, path: Path, data: Tensor | None = None, title:
     ax.set_title(title)
     ax.legend(loc="upper right", markerscale=4)
     fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------- sample files
+
+FORMATS = ("grid", "png", "npz")
+
+
+def sample_format(out: Path, requested: str | None) -> str:
+    """The format for ``out``: ``requested``, or what its name says (``.png`` a grid, ``.npz``, a folder for PNGs);
+    one line naming the value when they do not fit."""
+    if requested is not None and requested not in FORMATS:
+        raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {requested!r}")
+    suffix = out.suffix.lower()
+    fmt = requested or {".png": "grid", ".npz": "npz", "": "png"}.get(suffix)
+    if fmt is None:
+        raise ConfigError(f"--out: {out} ends in {suffix!r}; expected .png (a grid), .npz, or a folder for PNGs")
+    expected = {"grid": ".png", "npz": ".npz"}.get(fmt)
+    if (expected and suffix != expected) or (fmt == "png" and (suffix or out.is_file())):
+        shape = "a folder (no extension)" if fmt == "png" else f"a {expected} file"
+        raise ConfigError(f"--out: {out} does not fit --format {fmt}, which writes {shape}")
+    if fmt != "png" and out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; --format {fmt} writes one file")
+    return fmt
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] (N×C×H×W) as uint8 N×H×W×C, rounded as torchvision's save_image rounds."""
+    return images.detach().float().cpu().add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def write_png_folder(chunks: Iterable[Tensor], folder: Path) -> None:
+    """One PNG per sample, ``000000.png`` onwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for chunk in chunks:
+        for image in to_uint8(chunk).numpy():
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{index:06d}.png")
+            index += 1
+
+
+def write_npz(chunks: Iterable[Tensor], path: Path, n: int, shape: tuple[int, ...]) -> None:
+    """An ``.npz`` holding ``arr_0``, uint8 n×H×W×C, written chunk by chunk into the archive (never whole in
+    memory) and renamed into place once complete."""
+    channels, height, width = shape
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": (n, height, width, channels),
+    }
+
+    def write(handle) -> None:
+        with (
+            zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive,
+            archive.open("arr_0.npy", "w", force_zip64=True) as member,
+        ):
+            np.lib.format.write_array_header_2_0(member, header)
+            written = 0
+            for chunk in chunks:
+                data = to_uint8(chunk).numpy()
+                member.write(np.ascontiguousarray(data).tobytes())
+                written += len(data)
+            if written != n:
+                raise RuntimeError(f"{written} samples written where {n} were announced")
+
+    atomic_write(path, write, "samples")
+
+
+# ----------------------------------------------------------------------------- reading samples made anywhere
+
+
+def read_samples(
+    path: Path, channels: int, size: int, chunk: int = 256
+) -> tuple[int, tuple[int, ...], Iterator[Tensor]]:
+    """Images from a folder of image files or an ``.npz`` (uint8 N×H×W×C, or float N×C×H×W in [-1, 1]), as
+    (count, C×H×W, chunks in [-1, 1]); read a chunk at a time. ``channels`` and ``size`` are the real side's:
+    another shape is one line naming both."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"--samples: no images in {path}")
+        with Image.open(files[0]) as first:
+            found = (len(first.getbands()), first.height, first.width)
+        _check_shape(found, channels, size, path)
+
+        def from_files() -> Iterator[Tensor]:
+            for start in range(0, len(files), chunk):
+                arrays = []
+                for file in files[start : start + chunk]:
+                    with Image.open(file) as image:
+                        array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+                    if array.shape[:2] != (size, size):
+                        raise DataError(
+                            f"--samples: {file} is {array.shape[1]}×{array.shape[0]}, the others {size}×{size}"
+                        )
+                    arrays.append(array.reshape(size, size, channels))
+                yield _from_uint8(np.stack(arrays))
+
+        return len(files), (channels, size, size), from_files()
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        raise DataError(f"--samples: expected a folder of images or an .npz file, got {path}")
+    try:
+        archive = np.load(path, allow_pickle=False, mmap_mode="r")
+        array = archive["arr_0"] if "arr_0" in archive.files else archive[archive.files[0]]
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        raise DataError(f"--samples: {path} cannot be read as .npz ({err})") from None
+    if array.ndim != 4:
+        raise DataError(f"--samples: {path} holds an array of shape {array.shape}; expected N×H×W×C images")
+    nchw = array.dtype != np.uint8 and array.shape[1] in (1, 3)
+    found = tuple(array.shape[1:]) if nchw else (array.shape[3], array.shape[1], array.shape[2])
+    _check_shape(found, channels, size, path)
+
+    def from_array() -> Iterator[Tensor]:
+        for start in range(0, len(array), chunk):
+            part = np.asarray(array[start : start + chunk])
+            yield torch.from_numpy(part.astype(np.float32)) if nchw else _from_uint8(part)
+
+    return len(array), found, from_array()
+
+
+def _check_shape(found: tuple[int, ...], channels: int, size: int, path: Path) -> None:
+    if found != (channels, size, size):
+        raise DataError(
+            f"--samples: {path} holds images of {found[0]}×{found[1]}×{found[2]} (C×H×W); the real "
+            f"data are {channels}×{size}×{size}: expected the same shape"
+        )
+
+
+def _from_uint8(array: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -241,8 +241,8 @@ OTHER = [
     (["evaluate", "{run}", "--n", "100000"], "evaluation.n: expected an integer in [4, 50000], got 100000"),
     (["evaluate", "{run}", "--seed", "-1"], "evaluation.seed: expected an integer in [0, 4294967295], got -1"),
     (["sample", "{run}", "--n", "2000000", "--out", "{tmp}/s.png"], "--n: a grid of 2,000,000 samples"),
-    (["sample", "{run}", "--out", "{tmp}"], "--out: expected a .png file"),
-    (["sample", "{run}", "--out", "{tmp}/x.txt"], "--out: expected a .png file"),
+    (["sample", "{run}", "--format", "grid", "--out", "{tmp}"], "does not fit --format grid, which writes a .png file"),
+    (["sample", "{run}", "--out", "{tmp}/x.txt"], "x.txt ends in '.txt'; expected .png (a grid), .npz, or a folder"),
     (
         ["sample", "{run}", "--seed", "-1", "--out", "{tmp}/s.png"],
         "--seed: expected an integer in [0, 4294967295], got -1",

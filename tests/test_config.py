@@ -79,7 +79,8 @@ def test_resolved_config_round_trips_to_the_same_run(tiny_config, tmp_path):
     saved = config_of_run(tmp_path / "run")
     assert to_dict(saved) == to_dict(first.config)
     assert saved.targets.options["d_loss"] == "bce"  # every option resolved and written
-    assert config.targets.options == {"lambda1": 0.5} and config.train.threads is None  # the given config is left alone
+    assert config.targets.options == {"lambda1": 0.5} and config.data.image_size == 16  # the given config is left alone
+    assert config.data.channels is None
     saved.train.name = "again"
     second = train(saved, plan_run_dir(saved, False), progress=False)
     for p, q in zip(first.generator.parameters(), second.generator.parameters(), strict=True):

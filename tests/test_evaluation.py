@@ -338,10 +338,12 @@ def test_fid_pipeline_with_randomly_initialised_inception_weights(tiny_config, t
 
 
 class CountingFeatures:
+    """Counts the images it embeds (the real subset is embedded a chunk at a time)."""
+
     name, version, calls = "pixels", "1", 0
 
     def __call__(self, images):
-        CountingFeatures.calls += 1
+        CountingFeatures.calls += len(images)
         return images.flatten(1).float()
 
 
@@ -352,16 +354,16 @@ def test_real_statistics_are_cached_and_a_mismatched_cache_is_recomputed(tiny_co
     CountingFeatures.calls = 0
     first = real_features(data, config.data, CountingFeatures(), options)
     again = real_features(data, config.data, CountingFeatures(), options)
-    assert CountingFeatures.calls == 1 and torch.equal(first.features, again.features)
+    assert CountingFeatures.calls == 300 and torch.equal(first.features, again.features)
     assert len(list(tmp_path.glob("*.npz"))) == 1
     real_features(data, config.data, CountingFeatures(), EvaluationConfig(n=200, cache_dir=str(tmp_path)))
-    assert CountingFeatures.calls == 2 and len(list(tmp_path.glob("*.npz"))) == 2  # N is in the key
+    assert CountingFeatures.calls == 500 and len(list(tmp_path.glob("*.npz"))) == 2  # N is in the key
 
     changed = CountingFeatures()
     changed.version = "2"  # new weights: the old statistics must not be used
     with pytest.warns(UserWarning, match="recomputing"):
         real_features(data, config.data, changed, options)
-    assert CountingFeatures.calls == 3
+    assert CountingFeatures.calls == 800
 
 
 def test_fid_stats_command_fills_the_cache(tmp_path):

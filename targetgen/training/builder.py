@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from .. import registry
 from ..api import TrainingContext
 from ..config import Config, DataConfig, ModelConfig, from_dict, to_dict
 from ..data import TrainingData, batches_per_epoch, data_shape, load_data, resolved_data
+from ..discriminators import Penalty, check_discriminator
 from ..distributed import Processes, check_batch, local_share, wrap
 from ..errors import CheckpointError, ConfigError
 from ..models import build_discriminator, build_generator, latent_shape, training_memory
@@ -31,7 +33,7 @@ from ..regression import RegressionEngine
 from .checkpoint import load_checkpoint, restore, seed_everything
 from .decomposed import Decomposed
 from .run import Run, Strategy
-from .rundir import CHECKPOINT, config_of_run, current_run_dir, resumable_run_dir
+from .rundir import checkpoint_file, config_of_run, resumable_run_dir
 from .standard import StandardGAN
 
 
@@ -68,8 +70,30 @@ PROCESS_THREADS = torch.get_num_threads()  # torch's default for this process, b
 
 
 def default_threads(data: DataConfig) -> int:
-    """CPU threads when train.threads is unset (benchmarks/threads.py measures the choice)."""
-    return 1 if data.name == "toy2d" else PROCESS_THREADS
+    """CPU threads when train.threads is unset (benchmarks/threads.py measures the choice): 1 for the toy2d
+    MLPs; for images, torch's default when $OMP_NUM_THREADS or $MKL_NUM_THREADS set it (compare shares the
+    cores that way), else the cores that other work does not keep busy when the run starts: OpenMP threads
+    that find their core taken spin against the process running there, and both slow down many times."""
+    if data.name == "toy2d":
+        return 1
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return PROCESS_THREADS
+    return max(1, PROCESS_THREADS - busy_cores())
+
+
+def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
+    """Runnable threads of other processes now (the most of a few looks at /proc/loadavg), 0 where unknown."""
+    seen = 0
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as load:
+                running = int(load.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        seen = max(seen, running - 1)  # this thread is one of them
+        if i + 1 < samples:
+            time.sleep(interval)
+    return seen
 
 
 # ----------------------------------------------------------------------------- the pieces of a run
@@ -189,7 +213,8 @@ def networks(config: Config, shape: tuple[int, ...], rt: Runtime, processes: Pro
         return local_share(torch.randn(count * processes.world_size, *z_shape, device=rt.device), processes)
 
     def make_discriminator(sigmoid: bool = True) -> nn.Module:
-        netD = build_discriminator(shape, m, sigmoid).to(rt.device, memory_format=rt.layout)
+        netD = build_discriminator(shape, m, sigmoid, config.discriminator.spectral_norm)
+        netD = netD.to(rt.device, memory_format=rt.layout)
         return wrap(netD, processes, rt.device, rt.bf16)
 
     return Networks(netG, wrap(netG, processes, rt.device, rt.bf16), make_discriminator, sample_latents, z_shape)
@@ -201,6 +226,8 @@ def strategy(
     """The standard GAN's step, or a target source with the regression engine; and the resolved options."""
     name = config.targets.name
     options = from_dict(registry.options_class(name), config.targets.options, "targets.options")
+    check_discriminator(config.discriminator, getattr(options, "d_loss", None), processes.world_size)
+    penalty = Penalty.of(config.discriminator)
     if name == STANDARD:
         step = StandardGAN(
             options,
@@ -208,6 +235,7 @@ def strategy(
             nets.make_discriminator(sigmoid=True),
             nets.sample_latents,
             config.targets.d_steps,
+            penalty,
         )
         return step, options
     context = TrainingContext(
@@ -223,8 +251,19 @@ def strategy(
         seed=config.train.seed,
         make_discriminator=nets.make_discriminator,
         precision=rt.precision,
+        penalty=penalty,
     )
+    pool = getattr(options, "pool", None)  # a source fitted on pools of pairs (cfg)
+    if isinstance(pool, int) and pool < config.regression.pool_batch:
+        raise ConfigError(
+            f"targets.options.pool: {pool} pairs, fewer than one minibatch of regression.pool_batch "
+            f"({config.regression.pool_batch}); expected at least {config.regression.pool_batch}"
+        )
     source = registry.load("targets", name, "targets.name")(options, context)
+    d = config.discriminator
+    if (d.spectral_norm or penalty.active) and source.discriminator() is None:
+        key = "discriminator.spectral_norm" if d.spectral_norm else "discriminator.r1" if d.r1 else "discriminator.r2"
+        raise ConfigError(f"{key}: regularizes a discriminator; '{name}' trains none (standard, inversion and cfg do)")
     if "ssim" in config.regression.loss and len(data.image_shape) != 3:
         raise ConfigError("regression.loss.ssim: SSIM needs images; toy2d data are points")
     engine = RegressionEngine(nets.trained_generator, config.regression, total_steps, processes.world_size)
@@ -278,41 +317,69 @@ class TrainedGenerator:
 
     config: Config
     generator: nn.Module  # the trained network
-    sampling_generator: nn.Module  # what samples come from: the EMA copy when the run kept one
+    sampling_generator: nn.Module  # what samples come from: the EMA copy when the run kept one, as the source uses it
+    discriminator: nn.Module | None  # the run's discriminator (its logit: no final Sigmoid), for --refine
     latent_shape: tuple[int, ...]
     image_shape: tuple[int, ...]
     device: torch.device
     step: int
 
 
-def load_generator(run_dir: Path) -> TrainedGenerator:
-    """The generator of ``run_dir``'s last checkpoint. Needs config.yaml and the checkpoint, never the
-    training data: a run can be sampled after its images have moved."""
+def load_generator(run_dir: Path, checkpoint: str = "last") -> TrainedGenerator:
+    """The generator of one of ``run_dir``'s checkpoints (``rundir.checkpoint_file``). Needs config.yaml and the
+    checkpoint, never the training data: a run can be sampled after its images have moved."""
     config = config_of_run(run_dir)
-    state = load_checkpoint(current_run_dir(resumable_run_dir(run_dir)) / CHECKPOINT, targets=config.targets.name)
+    resumable_run_dir(run_dir)
+    path = checkpoint_file(run_dir, checkpoint)
+    state = load_checkpoint(path, targets=config.targets.name)
     m = config.model
     shape = data_shape(config.data)
     device = resolve_device(config.train.device)
     check_memory(shape, m, 1)
     generator = build_generator(shape, m).to(device)
     sampling = generator
+
+    def make_discriminator(sigmoid: bool = False) -> nn.Module:
+        return build_discriminator(shape, m, False, config.discriminator.spectral_norm).to(device)
+
+    discriminator = None
     try:
         generator.load_state_dict(state["generator"])
         if config.targets.name != STANDARD and config.regression.ema is not None:
             engine = RegressionEngine(generator, config.regression, total_steps=1)
             engine.load_state_dict(state["strategy"]["regression"])
             sampling = engine.sampling_generator()
+        if config.targets.name != STANDARD:
+            source = registry.load("targets", config.targets.name, "targets.name")
+            options = from_dict(source.Options, config.targets.options, "targets.options")
+            sampling = source.restored_sampler(options, state["strategy"]["source"], sampling, make_discriminator)
+        if (found := _discriminator_state(state["strategy"])) is not None:
+            discriminator = make_discriminator()
+            discriminator.load_state_dict(found)  # the same weights with or without the final Sigmoid
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {run_dir / CHECKPOINT} does not fit the generator of {run_dir / 'config.yaml'}: {first}"
+            f"checkpoint {path} does not fit the generator of {run_dir / 'config.yaml'}: {first}"
         ) from None
-    return TrainedGenerator(config, generator, sampling, latent_shape(shape, m.nz), shape, device, state["step"])
+    return TrainedGenerator(
+        config, generator, sampling, discriminator, latent_shape(shape, m.nz), shape, device, state["step"]
+    )
 
 
-def load_trained(run_dir: Path) -> Run:
-    """Rebuild a whole run (data, networks, target source) from its directory and load its latest checkpoint."""
+def _discriminator_state(state: dict) -> dict | None:
+    """The first discriminator in a strategy's checkpoint state (standard's, inversion's, cfg's, a mix member's)."""
+    if isinstance(state.get("netD"), dict):
+        return state["netD"]
+    for value in state.values():
+        if isinstance(value, dict) and (found := _discriminator_state(value)) is not None:
+            return found
+    return None
+
+
+def load_trained(run_dir: Path, checkpoint: str = "last") -> Run:
+    """Rebuild a whole run (data, networks, target source) from its directory and load one of its checkpoints."""
     config = config_of_run(run_dir)
+    path = checkpoint_file(run_dir, checkpoint)
     run = build_run(config)
-    run.step = restore(run, current_run_dir(run_dir) / CHECKPOINT, allow_config_change=True)[0].step
+    run.step = restore(run, path, allow_config_change=True)[0].step
     return run

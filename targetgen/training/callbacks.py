@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.progress import Progress
+from torch import Tensor
 
 from ..errors import ConfigError
 from ..evaluation import evaluate
@@ -88,25 +89,35 @@ class Evaluate(Callback):
                 logger.log(end.pos.step, values)
 
 
-def write_samples(run: Run, path: Path) -> None:
+def write_samples(run: Run, path: Path) -> Tensor:
+    """The fixed-noise samples as a grid at ``path`` (a scatter plot for 2-D points); returns the samples."""
     samples = generate(run.strategy.sampling_generator(), run.fixed_noise, bf16=run.config.train.precision == "bf16")
     data = run.data.dataset.images if len(run.data.image_shape) == 1 else None
     save_samples(samples, path, data, title=path.stem)
+    return samples
 
 
 @dataclass
 class WriteSamples(Callback):
-    """A grid from fixed noise every ``every`` steps, and samples/final.png at the end."""
+    """A grid from fixed noise every ``every`` steps, and samples/final.png at the end; the image grid also to
+    every logger that takes images (``log_images``)."""
 
     run_dir: Path
     every: int
+    loggers: list[Logger] = field(default_factory=list)
 
     def on_step_end(self, end: StepEnd) -> None:
         if end.pos.step % self.every == 0:
-            write_samples(end.run, self.run_dir / "samples" / f"step_{end.pos.step:06d}.png")
+            self._show(write_samples(end.run, self.run_dir / "samples" / f"step_{end.pos.step:06d}.png"), end.pos.step)
 
     def on_train_end(self, run: Run, pos: Position) -> None:
-        write_samples(run, self.run_dir / "samples" / "final.png")
+        self._show(write_samples(run, self.run_dir / "samples" / "final.png"), pos.step)
+
+    def _show(self, samples: Tensor, step: int) -> None:
+        if samples.dim() == 4:
+            for logger in self.loggers:
+                if hasattr(logger, "log_images"):
+                    logger.log_images(step, "samples", samples)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import replace
 from torch import Tensor, nn
 
 from ..api import Batch, Generated, TargetSource
+from ..distributed import unwrap
 from ..errors import ConfigError
 from ..regression import RegressionEngine
 
@@ -28,6 +29,11 @@ class Decomposed:
             raise ConfigError(
                 f"targets.d_steps: {d_steps} needs a source with an update phase; "
                 f"'{source.name}' trains nothing of its own there (use 1)"
+            )
+        if d_steps > 1 and getattr(source, "counts_its_updates", False):
+            raise ConfigError(
+                f"targets.d_steps: {d_steps}; '{source.name}' counts its discriminator updates itself "
+                "(targets.options.U): use 1"
             )
         self.source = source
         self.regression = regression
@@ -56,7 +62,14 @@ class Decomposed:
         return stats
 
     def sampling_generator(self) -> nn.Module:
-        return self.regression.sampling_generator()
+        return self.sampler(ema=True)
+
+    def sampler(self, ema: bool = False) -> nn.Module:
+        """What samples come from: the source's model (cfg: a composite) on the generator, or on its EMA copy."""
+        return self.source.sampler(self.regression.sampling_generator() if ema else unwrap(self.regression.generator))
+
+    def discriminator(self) -> nn.Module | None:
+        return self.source.discriminator()
 
     def state_dict(self) -> dict:
         return {"source": self.source.state_dict(), "regression": self.regression.state_dict()}

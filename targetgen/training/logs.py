@@ -3,20 +3,28 @@
 A logger is a class of the ``targetgen.loggers`` entry-point group, built as
 ``cls(run_dir, config, start_step)`` (``config`` the resolved config as plain
 data; ``start_step`` the step a resumed run continues from, after which
-earlier records are void) with two methods::
+earlier records are void) with two methods and two optional ones::
 
     log(step: int, values: dict[str, float | None]) -> None   # one record
     close() -> None
+    log_images(step: int, name: str, images: Tensor) -> None   # optional: N×C×H×W in [-1, 1] (the sample grid)
+    log_text(name: str, text: str) -> None                      # optional: the resolved config, as YAML
 
+A logger without the optional methods still works; it gets the numbers only.
 W&B or MLflow need no code here: a package registering, say,
-``wandb = "mypkg:WandbLogger"`` is used with ``train.loggers: jsonl,wandb``.
+``wandb = "mypkg:WandbLogger"`` is used with ``train.loggers: jsonl,wandb``
+(docs/plugins.md shows one).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 from .. import jsonsafe, registry
 from ..errors import ConfigError
@@ -44,22 +52,99 @@ class JsonlLogger:
         self.file.close()
 
 
+# The group each statistic is shown in on TensorBoard (statistics not named here go to their own prefix's group,
+# or to targets/ for a source's own, such as match_distance or lambda1).
+GROUPS = {
+    "loss": ("d_loss", "g_loss", "regression_loss"),
+    "D": ("d_real", "d_fake", "d_fake_after_d_step", "d_fake_before_inversion", "d_fake_after_inversion"),
+    "perf": ("images_per_s", "train_s", "images_seen", "epoch"),
+}
+# The hyperparameters shown beside the final evaluation in TensorBoard's HPARAMS tab.
+HPARAMS = (
+    "targets.name",
+    "targets.d_steps",
+    "train.batch_size",
+    "train.seed",
+    "train.precision",
+    "regression.lr",
+    "regression.steps",
+    "regression.loss",
+    "model.ngf",
+    "model.ndf",
+    "model.nz",
+)
+
+
+def tensorboard_tag(key: str) -> str:
+    """``d_loss`` → ``loss/d_loss``, ``images_per_s`` → ``perf/images_per_s``, ``target_reach`` →
+    ``targets/target_reach``; ``eval/...`` and other grouped keys (a mix member's ``label/stat``) as they are."""
+    if "/" in key:
+        return key
+    for group, keys in GROUPS.items():
+        if key in keys:
+            return f"{group}/{key}"
+    return f"targets/{key}"
+
+
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {prefix: raw}
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 class TensorBoardLogger:
-    """TensorBoard event files in ``RUN_DIR/tensorboard`` (``pip install 'targetgen[tensorboard]'``)."""
+    """TensorBoard event files in ``RUN_DIR/tensorboard`` (``pip install 'targetgen[tensorboard]'``): statistics
+    grouped (loss/, D/, targets/, perf/, eval/), the fixed-noise sample grid, the resolved config as text, and
+    the hyperparameters with the last evaluation (HPARAMS)."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard extra
 
         # purge_step: a resumed run's events after its checkpoint are hidden, as they are redone
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        flat = _flat(config)
+        self.hparams = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items() if k in HPARAMS
+        }
+        self.last_evaluation: dict[str, float] = {}
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
-                self.writer.add_scalar(key, value, step)
+                self.writer.add_scalar(tensorboard_tag(key), value, step)
+                if (
+                    key.startswith("eval/")
+                    and math.isfinite(value)
+                    and not re.fullmatch(r"eval/(n|class_\d+_share)", key)
+                ):
+                    self.last_evaluation[key] = value
+        self.writer.flush()
+
+    def log_images(self, step: int, name: str, images: torch.Tensor) -> None:
+        from torchvision.utils import make_grid
+
+        grid = make_grid(
+            images.detach().float().cpu(),
+            nrow=max(1, int(len(images) ** 0.5)),
+            normalize=True,
+            value_range=(-1, 1),
+            padding=2,
+        )
+        self.writer.add_image(name, grid, step)
+        self.writer.flush()
+
+    def log_text(self, name: str, text: str) -> None:
+        self.writer.add_text(name, f"```\n{text}\n```")  # shown as Markdown: fenced, it keeps its indentation
         self.writer.flush()
 
     def close(self) -> None:
+        if self.last_evaluation:
+            self.writer.add_hparams(
+                self.hparams, {f"hparams/{k}": v for k, v in self.last_evaluation.items()}, run_name="."
+            )
         self.writer.close()
 
 

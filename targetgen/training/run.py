@@ -25,7 +25,13 @@ class Strategy(Protocol):
         """Train one step; statistics stay tensors, the loop reads them once."""
 
     def sampling_generator(self) -> nn.Module:
-        """What samples come from (the EMA copy when the run keeps one)."""
+        """What sample grids come from (the EMA copy when the run keeps one)."""
+
+    def sampler(self, ema: bool = False) -> nn.Module:
+        """What evaluation scores: the trained generator (or its EMA copy), as the source's model uses it."""
+
+    def discriminator(self) -> nn.Module | None:
+        """The discriminator the step trains (plain network), or None."""
 
     def state_dict(self) -> dict: ...
 

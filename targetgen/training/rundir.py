@@ -196,6 +196,30 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Replacement | None:
     return replacement
 
 
+def checkpoint_file(run_dir: Path, which: str = "last") -> Path:
+    """The checkpoint ``which`` names: ``last``, ``best`` (kept with train.best_metric), ``step_N`` (kept with
+    train.keep_checkpoints) or a path; one line listing what there is when it does not exist."""
+    folder = current_run_dir(run_dir) / CHECKPOINTS
+    if which == "last":
+        path = folder / "last.pt"
+    elif which == "best":
+        path = folder / "best.pt"
+    elif which.startswith("step_") and which[5:].isdigit():
+        path = folder / f"step_{int(which[5:]):06d}.pt"
+    else:
+        path = Path(which)
+        if not path.is_file():
+            raise RunDirectoryError(f"--checkpoint: expected last, best, step_N or a checkpoint file, got {which!r}")
+        return path
+    if not path.is_file():
+        kept = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+        raise RunDirectoryError(
+            f"--checkpoint {which}: {run_dir} has no {path.relative_to(current_run_dir(run_dir))} "
+            f"(kept: {', '.join(kept) or 'none'})"
+        )
+    return path
+
+
 def resumable_run_dir(run_dir: Path) -> Path:
     """``run_dir`` if it is a run directory with a checkpoint to resume from."""
     current = current_run_dir(run_dir)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..api import Batch, require_finite
 from ..config import StandardOptions
+from ..discriminators import Penalty
 from ..distributed import unwrap
 
 # Establish convention for real and fake labels during training
@@ -31,8 +32,10 @@ class StandardGAN:
         netD: nn.Module,
         sample_latents: Callable[[int], Tensor],
         d_steps: int = 1,
+        penalty: Penalty | None = None,
     ):
         self.netG, self.netD = netG, netD
+        self.penalty = penalty or Penalty()  # the discriminator section's R1 / R2, none by default
         self.sample_latents = sample_latents
         self.d_steps = d_steps  # D updates per G update (n_critic), each on fresh noise
         # Initialize BCELoss function
@@ -80,6 +83,9 @@ class StandardGAN:
             D_G_z1 = output.mean().detach()
             # Compute error of D as sum over the fake and the real batches
             errD = errD_real + errD_fake
+            # targetgen: the discriminator regularizers (R1 / R2), when configured
+            if (penalty := self.penalty(netD, real_cpu, fake, step)) is not None:
+                penalty.backward()
             # Update D
             self.optimizerD.step()
 
@@ -108,6 +114,12 @@ class StandardGAN:
 
     def sampling_generator(self) -> nn.Module:
         return unwrap(self.netG)
+
+    def sampler(self, ema: bool = False) -> nn.Module:
+        return unwrap(self.netG)
+
+    def discriminator(self) -> nn.Module:
+        return unwrap(self.netD)
 
     def state_dict(self) -> dict:
         return {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
 from .. import jsonsafe
@@ -127,6 +128,9 @@ def _callbacks(
     loggers = open_loggers(t.loggers, run_dir, to_dict(run.config), start_step)
     bar = progress_bar("steps", extra="losses", disable=not progress)
     try:
+        for logger in loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text("config", yaml.safe_dump(to_dict(run.config), sort_keys=False))
         if changes:  # --allow-config-change: what changed is part of the run's record
             with (run_dir / METRICS).open("a") as log:
                 log.write(jsonsafe.dumps({"step": start_step, "config_change": changes}) + "\n")
@@ -140,7 +144,7 @@ def _callbacks(
                 ShowProgress(bar, task),
                 LogMetrics(loggers),
                 *([evaluation] if evaluation else []),
-                WriteSamples(run_dir, t.sample_every),
+                WriteSamples(run_dir, t.sample_every, loggers),
                 checkpoints,
             ]
     finally:
