@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
+
+# A test suite started as a background job (`pytest &`) ignores SIGINT, and its subprocesses inherit that: the
+# tests that stop a training with Ctrl-C would wait for ever. A handler of our own is reset in every child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from targetgen.config import load_config
 

@@ -48,7 +48,10 @@ TRAIN = [
     (["--set", "regression.loss={l2: -1}"], "regression.loss.l2: expected a number >= 0, got -1.0"),
     (["--set", "regression.loss={}"], "regression.loss: give at least one loss"),
     (["--set", "regression.loss={l3: 1}"], "regression.loss.l3: unknown losses plugin 'l3'"),
-    (["--set", "regression.optimizer=rmsprop"], "regression.optimizer: expected one of 'adam', 'sgd', got 'rmsprop'"),
+    (
+        ["--set", "regression.optimizer=lbfgs"],
+        "regression.optimizer: expected one of 'adam', 'sgd', 'rmsprop', got 'lbfgs'",
+    ),
     (["--set", "regression.final_fraction=2"], "regression.final_fraction: expected a number in [0, 1], got 2.0"),
     (["--set", "regression.reduction=max"], "regression.reduction: expected one of 'sum', 'mean', got 'max'"),
     (["--set", "targets.options.lambda1=0"], "targets.options.lambda1: expected a number > 0, got 0.0"),
