@@ -177,6 +177,12 @@ class CompositeFunctionalGradient(TargetSource):
         moved = (x - x0).flatten(1).norm(dim=1).mean()
         return Targets(z=z, x=x, pool=True, stats={"target_distance": moved})
 
+    def probe_step(self, step: int) -> int:
+        """The last step of the stage ``step`` is in, where the pool is proposed."""
+        if step < self.offset:
+            return self.offset + self.stage_length - 1
+        return step + (self.stage_length - 1 - (step - self.offset) % self.stage_length)
+
     def sampler(self, generator: nn.Module) -> nn.Module:
         return Composite(generator, self.snapshots[: self.stored], self.options.eta, self.options.move_batch)
 

@@ -162,6 +162,11 @@ class TargetSource(ABC):
         after the regression step, with this step's targets."""
         return {}
 
+    def probe_step(self, step: int) -> int:
+        """The step ``targetgen probe`` asks for targets at, from a run at ``step``: that step, unless the source
+        proposes only at some steps (cfg: at the end of a stage)."""
+        return step
+
     def discriminator(self) -> nn.Module | None:
         """The discriminator this source trains (the plain network), for test-time refinement
         (``targetgen sample --refine``) and the discriminator regularizers; None when it has none."""

@@ -116,9 +116,12 @@ def probe_run(run, batch_size: int = 64, seed: int = 0) -> dict[str, float]:
     order = torch.randperm(len(run.data.dataset), generator=g)
     batch: Batch = next(iterate_batches(run.data.dataset, order, batch_size, 0, False))
     torch.manual_seed(seed)
-    targets = source.propose(batch, run.step)
-    generator, z = run.generator, targets.z.detach()
-    request = _request(generator, z, targets.x.detach())
+    step = source.probe_step(run.step)
+    targets = source.propose(batch, step)
+    if len(targets.z) == 0:
+        raise ConfigError(f"probe: targets '{run.config.targets.name}' proposed no targets at step {step}")
+    generator, z = run.generator, targets.z[:batch_size].detach()  # a pool (cfg): its first batch
+    request = _request(generator, z, targets.x[:batch_size].detach())
     k_request = kernel_vector_product(generator, z, request)
     r_k_r = (request * k_request).sum().item()
     probes = [torch.randn(request.shape, generator=g).to(request) for _ in range(4)]

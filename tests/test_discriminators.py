@@ -177,6 +177,10 @@ def test_cfg_trains_stages_resumes_exactly_and_samples_its_composite(tiny_config
     trained = load_generator(split_dir)
     assert type(trained.sampling_generator).__name__ == "Composite"
     assert len(trained.sampling_generator.discriminators) == 3
+    # probe asks for the targets of a stage's end: step 9 (counted from 0) ends the third stage, 10 starts the fourth
+    assert resumed.strategy.source.probe_step(9) == 9 and resumed.strategy.source.probe_step(10) == 12
+    code, out, err = run_cli("probe", str(split_dir), "--batch-size", "16")
+    assert code == 0 and "alignment" in out, err
 
 
 def test_cfg_refuses_a_pool_smaller_than_its_minibatch(tiny_config):
