@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pytorch_fid.fid_score import calculate_frechet_distance
 from torch import Tensor
 
 
@@ -45,6 +44,8 @@ def feature_statistics(features: Tensor) -> Statistics:
 def frechet_distance(a: Statistics, b: Statistics) -> float:
     """pytorch-fid's Fréchet distance; what it prints or warns about a singular covariance product
     becomes one warning that says what it means for the number."""
+    from pytorch_fid.fid_score import calculate_frechet_distance  # here: it imports torchvision, seconds
+
     printed = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")

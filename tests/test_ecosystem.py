@@ -338,3 +338,32 @@ def test_the_wheel_ships_the_package_data_it_needs(tmp_path):
     } <= names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Classifier: Programming Language :: Python :: 3" in metadata
+
+
+def test_sample_grids_have_torchvisions_pixels(tmp_path):
+    """targetgen writes its grids itself (torchvision's import costs every training seconds): the same pixels."""
+    from torchvision.utils import save_image
+
+    from targetgen.samples import save_samples
+
+    torch.manual_seed(0)
+    for shape in [(64, 1, 16, 16), (7, 3, 8, 8), (1, 1, 5, 5), (10, 3, 4, 6)]:
+        images = torch.randn(shape) * 0.7
+        images[0, 0, 0, :3] = torch.tensor([1.0, -1.0, 1 / 255])  # the ends of the range and a rounding edge
+        nrow = max(1, int(len(images) ** 0.5))
+        save_image(images, tmp_path / "tv.png", nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+        save_samples(images, tmp_path / "ours.png")
+        assert np.array_equal(np.array(Image.open(tmp_path / "tv.png")), np.array(Image.open(tmp_path / "ours.png")))
+
+
+def test_a_training_without_evaluation_never_imports_torchvision(tmp_path):
+    code = (
+        "import sys; from targetgen.cli.main import main; sys.argv = ['targetgen', 'train', '--out-dir', "
+        f"{str(tmp_path)!r}, '--no-progress', '--steps', '2', '--set', 'data.image_size=16', '--set', "
+        "'model.ngf=8', '--set', 'model.ndf=8', '--set', 'train.loggers=jsonl', '--set', 'evaluation.every=0']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "digits-inversion" / "samples").is_dir()

@@ -28,6 +28,7 @@ import torch
 
 from .. import jsonsafe, registry
 from ..errors import ConfigError
+from ..samples import grid as image_grid
 from .rundir import METRICS, truncate_metrics
 
 
@@ -124,16 +125,8 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def log_images(self, step: int, name: str, images: torch.Tensor) -> None:
-        from torchvision.utils import make_grid
-
-        grid = make_grid(
-            images.detach().float().cpu(),
-            nrow=max(1, int(len(images) ** 0.5)),
-            normalize=True,
-            value_range=(-1, 1),
-            padding=2,
-        )
-        self.writer.add_image(name, grid, step)
+        grid = image_grid(images.detach().float().cpu(), nrow=max(1, int(len(images) ** 0.5)))
+        self.writer.add_image(name, grid.numpy(), step, dataformats="HWC")
         self.writer.flush()
 
     def log_text(self, name: str, text: str) -> None:
