@@ -694,6 +694,19 @@ def tune(
         int, typer.Option(help="Then rerun each family's best with this many seeds (0: no confirmation).")
     ] = 0,
     progress: Annotated[bool, typer.Option(help="Show the progress bar of --confirm.")] = True,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local (this process's --jobs workers) or submitit (--workers jobs sharing the study; Slurm where "
+            "it exists)."
+        ),
+    ] = "local",
+    workers: Annotated[int, typer.Option(help="--executor submitit: tune workers, one job each.")] = 2,
+    cluster: Annotated[str, typer.Option(help="--executor submitit: auto, slurm or local.")] = "auto",
+    partition: Annotated[str | None, typer.Option(help="--executor submitit: the Slurm partition.")] = None,
+    minutes: Annotated[int, typer.Option(help="--executor submitit: each job's time limit in minutes.")] = 240,
+    cpus: Annotated[int, typer.Option(help="--executor submitit: CPU cores (training threads) per job.")] = 1,
+    gpus: Annotated[int, typer.Option(help="--executor submitit: GPUs per job.")] = 0,
 ) -> None:
     """Search every family of configurations with the same number of trials (Lucic et al. 2018) in an Optuna study.
 
@@ -715,6 +728,10 @@ def tune(
         overrides.append(f"tune.trials={trials}")
     _check_range("--confirm", confirm, 0, 1000)
     _check_range("--worker", worker, 0, 10_000)
+    if executor not in ("local", "submitit"):
+        raise TargetgenError(f"--executor: expected local or submitit, got {executor!r}")
+    if cluster not in ("auto", "slurm", "local"):
+        raise TargetgenError(f"--cluster: expected auto, slurm or local, got {cluster!r}")
     space = load_space(config, out, overrides)
     space.out.mkdir(parents=True, exist_ok=True)
     atomic_write(space.out / "command.txt", shlex.join(["targetgen", *sys.argv[1:]]) + "\n", "tune command")
@@ -723,7 +740,15 @@ def tune(
         f"{len(space.families)} families × {space.tune.trials} trials ({space.tune.sampler} search, equal "
         f"{space.tune.budget}): {families}"
     )
-    ended = run_tune(space, storage, jobs, console, worker)
+    if executor == "submitit":
+        from targetgen.compare import ClusterOptions
+        from targetgen.tune import submit_workers
+
+        _check_range("--workers", workers, 1, 10_000)
+        options = ClusterOptions(cluster, partition, minutes, gpus, cpus, parallel=workers)
+        ended = submit_workers(config, space, overrides, storage, workers, options, console)
+    else:
+        ended = run_tune(space, storage, jobs, console, worker)
     paths = write_tune_report(space.out, storage)
     say(
         f"{ended['done']} trials done, {ended['failed']} failed, {ended['pruned']} pruned here; report: "

@@ -742,26 +742,29 @@ class ClusterOptions:
     parallel: int = 1  # jobs running at once (Slurm's array parallelism; local: the jobs started at a time)
 
 
-def submit_plan(plan: Plan, options: ClusterOptions, console, progress: bool = True) -> Outcome:
-    """Train every unfinished run of ``plan`` as one submitit job array, wait for them, and say how each ended.
-    A Ctrl-C or SIGTERM cancels the jobs (their checkpoints stay; the same command resumes them)."""
+def cluster_executor(folder: Path, options: ClusterOptions, name: str):
+    """A submitit executor for ``options``: Slurm where ``sbatch`` exists (or asked for), else local processes."""
     try:
         import submitit
     except ImportError:
         raise ConfigError("--executor submitit: needs the submitit package: pip install 'targetgen[slurm]'") from None
     cluster = None if options.cluster == "auto" else options.cluster
-    executor = submitit.AutoExecutor(folder=str(plan.out / "submitit"), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     executor.update_parameters(
-        timeout_min=int(options.minutes),
-        gpus_per_node=options.gpus,
-        cpus_per_task=options.cpus,
-        name=f"targetgen-{plan.out.name}",
+        timeout_min=int(options.minutes), gpus_per_node=options.gpus, cpus_per_task=options.cpus, name=name
     )
     if executor.cluster == "slurm":
         executor.update_parameters(
             slurm_array_parallelism=options.parallel,
             **({"slurm_partition": options.partition} if options.partition else {}),
         )
+    return executor
+
+
+def submit_plan(plan: Plan, options: ClusterOptions, console, progress: bool = True) -> Outcome:
+    """Train every unfinished run of ``plan`` as one submitit job array, wait for them, and say how each ended.
+    A Ctrl-C or SIGTERM cancels the jobs (their checkpoints stay; the same command resumes them)."""
+    executor = cluster_executor(plan.out / "submitit", options, f"targetgen-{plan.out.name}")
     indices = [i for i, r in enumerate(plan.runs) if not is_finished(plan.run_dir(r))]
     outcome = Outcome([], [r.name for r in plan.runs if is_finished(plan.run_dir(r))], [])
     # locally submitit starts every job at once: keep `parallel` of them in flight instead
@@ -797,12 +800,21 @@ def submit_plan(plan: Plan, options: ClusterOptions, console, progress: bool = T
                     )
                 bar.update(task, advance=1)
         if stop:
-            for job in jobs.values():
-                job.cancel(check=False)
-            terminated = stop[0] == signal.SIGTERM
-            raise Interrupted(
-                f"comparison {'terminated' if terminated else 'interrupted'}; its jobs were cancelled, their "
-                f"checkpoints kept; run the same command again to resume it ({plan.out})",
-                exit_code=143 if terminated else 130,
+            raise cancelled(
+                jobs.values(),
+                stop[0],
+                "comparison",
+                f"their checkpoints kept; run the same command again to resume it ({plan.out})",
             )
     return outcome
+
+
+def cancelled(jobs, signum: int, what: str, then: str) -> Interrupted:
+    """Cancel submitit ``jobs`` after signal ``signum``; returns the Interrupted that says so."""
+    for job in jobs:
+        job.cancel(check=False)
+    terminated = signum == signal.SIGTERM
+    return Interrupted(
+        f"{what} {'terminated' if terminated else 'interrupted'}; its jobs were cancelled, {then}",
+        exit_code=143 if terminated else 130,
+    )

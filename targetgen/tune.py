@@ -209,7 +209,8 @@ def default_params(space: Space, family: Family) -> dict[str, Any]:
     params = {}
     for p in family.space:
         if all(params.get(k, flat.get(k)) == v for k, v in p.when.items()):
-            params[p.key] = flat.get(p.key)
+            value = flat.get(p.key)
+            params[p.key] = json.dumps(list(value) if isinstance(value, tuple) else value) if _structured(p) else value
     return params
 
 
@@ -329,9 +330,15 @@ def suggest(trial, family: Family) -> dict[str, Any]:
             params[p.key] = trial.suggest_float(p.key, low, high)
         elif p.kind in ("int", "log_int"):
             params[p.key] = trial.suggest_int(p.key, int(low), int(high), log=p.kind == "log_int")
+        elif _structured(p):  # Optuna's choices are scalars: lists (betas) travel as their JSON text
+            params[p.key] = json.loads(trial.suggest_categorical(p.key, [json.dumps(v) for v in p.values]))
         else:
             params[p.key] = trial.suggest_categorical(p.key, p.values)
     return params
+
+
+def _structured(p: Parameter) -> bool:
+    return p.kind == "categorical" and any(isinstance(v, (list, dict)) for v in p.values)
 
 
 def _states():
@@ -572,6 +579,45 @@ def tune(space: Space, storage_url: str | None, jobs: int, console, worker: int 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return ended
+
+
+def cluster_worker(config: str, out: str, overrides: list[str], storage_url: str | None, worker: int) -> dict:
+    """One worker of ``submit_workers``'s job array: the same loop as a local ``tune`` worker, one trial at a time."""
+    from rich.console import Console
+
+    return tune(load_space(Path(config), Path(out), overrides), storage_url, 1, Console(), worker)
+
+
+def submit_workers(
+    config: Path, space: Space, overrides: list[str], storage_url: str | None, workers: int, options, console
+) -> dict[str, int]:
+    """``workers`` tune workers as one submitit job array sharing the study (Slurm where it exists); waits for them
+    and sums how their trials ended. A Ctrl-C or SIGTERM cancels the jobs: their trials are retried later."""
+    from rich.text import Text
+
+    from .compare import _stop_requests, cancelled, cluster_executor
+
+    executor = cluster_executor(space.out / "submitit", options, f"targetgen-tune-{space.out.name}")
+    with executor.batch():
+        jobs = [
+            executor.submit(cluster_worker, str(Path(config).resolve()), str(space.out), overrides, storage_url, i)
+            for i in range(workers)
+        ]
+    ended = {"done": 0, "failed": 0, "pruned": 0}
+    with _stop_requests() as stop:
+        while not stop and not all(job.done() for job in jobs):
+            time.sleep(0.5)
+        if stop:
+            raise cancelled(jobs, stop[0], "tune", f"their trials are retried when tune runs again ({space.out})")
+    for i, job in enumerate(jobs):
+        error = job.exception()
+        if error is not None:
+            why = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            console.print(Text.assemble(("failed", "red"), f" worker {i} (job {job.job_id}): {why}"), soft_wrap=True)
+            continue
+        for outcome, count in job.result().items():
+            ended[outcome] += count
     return ended
 
 

@@ -137,6 +137,25 @@ def test_two_workers_on_one_study_share_it_without_losing_or_repeating_a_trial(t
     assert len({yaml.safe_load(p.read_text())["targets"]["options"]["g_lr"] for p in (out / "configs").iterdir()}) == 3
 
 
+def test_submitit_workers_share_the_study_and_list_choices_reach_the_config(tmp_path):
+    pytest.importorskip("submitit")
+    out = tmp_path / "t"
+    standard = {
+        "targets": "standard",
+        "space": {"targets.options.betas": {"categorical": [[0.5, 0.999], [0.0, 0.99]]}},
+    }
+    path = space_file(tmp_path, trials=3, families={"standard": standard})
+    code, text, err = run_cli(
+        "tune", "-c", str(path), "--out", str(out), "--executor", "submitit", "--cluster", "local", "--workers", "2"
+    )
+    assert code == 0, err
+    assert "3 trials done, 0 failed, 0 pruned" in text
+    assert [s for _, _, s in trials_of(out)] == ["COMPLETE"] * 3
+    betas = [yaml.safe_load(p.read_text())["targets"]["options"]["betas"] for p in sorted((out / "configs").iterdir())]
+    assert betas[0] == [0.5, 0.999] and all(b in ([0.5, 0.999], [0.0, 0.99]) for b in betas)  # the default first
+    assert len(list((out / "submitit").glob("*_result.pkl"))) == 2  # two jobs ran
+
+
 def test_a_killed_worker_leaves_a_failed_trial_that_the_next_retries_resuming_its_run(tmp_path):
     out = tmp_path / "t"
     base = dict(
