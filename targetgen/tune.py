@@ -31,8 +31,10 @@ resuming its run from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import fcntl
 import json
 import math
 import os
@@ -272,9 +274,24 @@ def storage(url: str | None, out: Path, heartbeat_s: float = 20.0, grace_s: floa
     except Exception as err:  # an unknown scheme or a malformed URL
         raise ConfigError(f"--storage: {url!r} is not a database URL SQLAlchemy knows ({err})") from None
     out.mkdir(parents=True, exist_ok=True)
+    # SQLite's default 5 s wait for another worker's write is short on a loaded machine
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     return optuna.storages.RDBStorage(
-        url, heartbeat_interval=max(1, round(heartbeat_s)), grace_period=max(1, round(grace_s))
+        url, engine_kwargs=engine, heartbeat_interval=max(1, round(heartbeat_s)), grace_period=max(1, round(grace_s))
     )
+
+
+@contextlib.contextmanager
+def _one_worker_at_a_time(out: Path):
+    """Workers starting together take turns creating the tables and the studies (two would both enqueue the
+    default trial, or both create a table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".tune.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def open_study(space: Space, family: Family, store, worker: int):
@@ -514,11 +531,14 @@ def tune(space: Space, storage_url: str | None, jobs: int, console, worker: int 
 
     if jobs < 1:
         raise ConfigError(f"--jobs: expected at least 1 parallel trial, got {jobs}")
-    store = storage(storage_url, space.out, space.tune.heartbeat_s, space.tune.grace_s)
-    write_json(
-        space.out / "tune.json", {"space": space.record, "storage": store.url if storage_url else None}, "tune record"
-    )
-    studies = {f.name: open_study(space, f, store, worker) for f in space.families}
+    with _one_worker_at_a_time(space.out):
+        store = storage(storage_url, space.out, space.tune.heartbeat_s, space.tune.grace_s)
+        write_json(
+            space.out / "tune.json",
+            {"space": space.record, "storage": store.url if storage_url else None},
+            "tune record",
+        )
+        studies = {f.name: open_study(space, f, store, worker) for f in space.families}
     threads = job_threads(dict(os.environ), jobs, os.cpu_count() or 1)
     running: list[Running] = []
     ended: dict[str, int] = {"done": 0, "failed": 0, "pruned": 0}
