@@ -29,6 +29,7 @@ def fake_celeba(tmp_path):
     [
         ("digits", "inversion"),
         ("mnist5k", "inversion"),
+        ("mnist5k_cfg", "cfg"),
         ("toy2d", "inversion"),
         ("toy2d_mix", "mix"),
         ("celeba_baseline", "standard"),
