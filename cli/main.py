@@ -101,7 +101,7 @@ def train(
     """Train a generator; writes config.yaml, metrics.jsonl, samples/ and checkpoints/ into the run directory.
 
     Launched by torchrun (torchrun --nproc_per_node=N -m targetgen.cli train ...), it trains
-    on N processes with DistributedDataParallel; see docs/scaling.md.
+    on N processes with DistributedDataParallel; see docs/performance.md.
     """
     from targetgen.config import load_config
     from targetgen.training.rundir import CHECKPOINT, config_of_run, planned_run_dir, resumable_run_dir
@@ -132,7 +132,7 @@ def train(
     from targetgen.distributed import join, leave
     from targetgen.training import train as run_training
 
-    processes = join(cfg.train.device)  # torchrun: one process per GPU (or CPU share), see docs/scaling.md
+    processes = join(cfg.train.device)  # torchrun: one process per GPU (or CPU share), see docs/performance.md
     try:
         if resume is not None and processes.is_main:
             say(f"resuming {run_dir}")
