@@ -354,6 +354,14 @@ def suggest(trial, family: Family) -> dict[str, Any]:
     return params
 
 
+def _stored_choice(spec: Any, value: Any) -> Any:
+    """A parameter as Optuna stored it, back as the config value: list choices were stored as JSON text."""
+    choices = spec.get("categorical") if isinstance(spec, dict) else None
+    if isinstance(value, str) and choices and any(isinstance(c, (list, dict)) for c in choices):
+        return json.loads(value)
+    return value
+
+
 def _structured(p: Parameter) -> bool:
     return p.kind == "categorical" and any(isinstance(v, (list, dict)) for v in p.values)
 
@@ -685,6 +693,7 @@ def results(out: Path, storage_url: str | None = None) -> list[FamilyResult]:
         except KeyError:
             continue
         metric = study.user_attrs["space"]["metric"]
+        spec = record["space"]["families"][name].get("space") or {}
         trials = []
         everything = study.get_trials(deepcopy=False)
         retried = _retried(everything)
@@ -699,7 +708,7 @@ def results(out: Path, storage_url: str | None = None) -> list[FamilyResult]:
                     "number": t.number,
                     "state": t.state.name,
                     "value": value,
-                    "params": t.params,
+                    "params": {k: _stored_choice(spec.get(k), v) for k, v in t.params.items()},
                     "run": t.user_attrs.get("run"),
                     "default": bool(t.user_attrs.get("default")),
                 }

@@ -153,6 +153,10 @@ def test_submitit_workers_share_the_study_and_list_choices_reach_the_config(tmp_
     assert [s for _, _, s in trials_of(out)] == ["COMPLETE"] * 3
     betas = [yaml.safe_load(p.read_text())["targets"]["options"]["betas"] for p in sorted((out / "configs").iterdir())]
     assert betas[0] == [0.5, 0.999] and all(b in ([0.5, 0.999], [0.0, 0.99]) for b in betas)  # the default first
+    from targetgen.tune import results
+
+    stored = [t["params"]["targets.options.betas"] for t in results(out)[0].trials]
+    assert sorted(stored) == sorted(betas)  # read back as lists, as the confirmation's configs need them
     assert len(list((out / "submitit").glob("*_result.pkl"))) == 2  # two jobs ran
 
 
