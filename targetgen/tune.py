@@ -781,6 +781,8 @@ def write_tune_report(out: Path, storage_url: str | None = None) -> list[Path]:
         xs = list(range(1, len(curve) + 1))
         ax.plot(xs, [c[0] for c in curve], label=family.name)
         ax.fill_between(xs, [c[1] for c in curve], [c[2] for c in curve], alpha=0.2)
+    if all(t["value"] > 0 for f in families for t in f.finished):
+        ax.set_yscale("log")  # FIDs of collapsed and good trials differ by orders of magnitude
     ax.set_xlabel("trials (k)")
     ax.set_ylabel(f"expected best {families[0].metric if families else ''}")
     ax.set_title("best of k trials (median, 5–95 % band)")
