@@ -17,7 +17,14 @@ import pytest
 from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/sources.md", "docs/evaluation.md", "docs/compare.md", "docs/theory.md", "docs/performance.md"]
+DOCS = [
+    "README.md",
+    "docs/sources.md",
+    "docs/evaluation.md",
+    "docs/compare.md",
+    "docs/theory.md",
+    "docs/performance.md",
+]
 SKIP = {
     "--fid-weights": "needs pytorch-fid's Inception weights, which are not shipped",
     "data.path=/data/celeba": "needs CelebA",
