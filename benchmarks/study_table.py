@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from targetgen.report import mean_se
+from targetgen.report import _cell, load_groups, mean_se
 from targetgen.training.rundir import read_metrics
 
 COLUMNS = ("precision", "recall", "coverage", "classes_covered")
@@ -34,18 +34,17 @@ def last_fifth_median(records: list[dict], key: str) -> float:
 
 def shown(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "–"
-    mean, se = mean_se(values)
-    return f"{mean:.{digits}g} ± {se:.2g}" if math.isfinite(se) else f"{mean:.{digits}g}"
+    return _cell(*mean_se(values), digits) if values else "–"
 
 
 def table(out: Path, metric: str) -> str:
-    groups: dict[str, list[tuple[dict, list[dict]]]] = defaultdict(list)
-    for summary_path in sorted((out / "runs").glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        records = [r for r in read_metrics(summary_path.parent / "metrics.jsonl") if "eval/n" not in r]
-        groups[summary["label"]].append((summary, records))
+    groups: dict[str, list[tuple[dict, list[dict]]]] = {}
+    for group in load_groups(out):  # the finished runs of each configuration, in plan order
+        if group.summaries:
+            groups[group.label] = [
+                (s, [r for r in read_metrics(out / "runs" / s["name"] / "metrics.jsonl") if "eval/n" not in r])
+                for s in group.summaries
+            ]
     head = f"| configuration | seeds | {metric} | " + " | ".join(COLUMNS)
     lines = [head + " | steps | training s | target distance / px | target reach |"]
     lines.append("|" + "---|" * (len(COLUMNS) + 7))
