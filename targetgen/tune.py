@@ -357,13 +357,16 @@ def suggest(trial, family: Family) -> dict[str, Any]:
 def _stored_choice(spec: Any, value: Any) -> Any:
     """A parameter as Optuna stored it, back as the config value: list choices were stored as JSON text."""
     choices = spec.get("categorical") if isinstance(spec, dict) else None
-    if isinstance(value, str) and choices and any(isinstance(c, (list, dict)) for c in choices):
-        return json.loads(value)
-    return value
+    return json.loads(value) if isinstance(value, str) and choices and _any_structured(choices) else value
 
 
 def _structured(p: Parameter) -> bool:
-    return p.kind == "categorical" and any(isinstance(v, (list, dict)) for v in p.values)
+    return p.kind == "categorical" and _any_structured(p.values)
+
+
+def _any_structured(choices: list[Any]) -> bool:
+    """Optuna's choices are scalars: lists and mappings among them travel as JSON text."""
+    return any(isinstance(v, (list, dict)) for v in choices)
 
 
 def _states():
