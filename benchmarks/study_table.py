@@ -63,7 +63,8 @@ def table(out: Path, metric: str) -> str:
 
 def refined(run_dirs: list[Path], metric: str) -> str:
     """Per configuration (a run's name without its seed) and refinement: the metric before → after over the
-    given seeds, and the cost, from each run's ``eval_KIND.json``."""
+    given seeds, each seed's own relative change (paired: the spread between seeds drops out), and the cost,
+    from each run's ``eval_KIND.json``."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in run_dirs:
         for path in sorted(run.glob("eval_*.json")):
@@ -71,17 +72,20 @@ def refined(run_dirs: list[Path], metric: str) -> str:
                 json.loads(path.read_text())
             )
     lines = [
-        f"| run | refinement | seeds | {metric} before | after | D passes / sample | G passes / sample | s / 1,000 |"
+        f"| run | refinement | seeds | {metric} before | after | change (paired) | D passes / sample"
+        " | G passes / sample | s / 1,000 |"
     ]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for (name, kind), results in sorted(groups.items()):
         cost = [
             statistics.mean(r.get(key, math.nan) for r in results)
             for key in ("refine_d_passes_per_sample", "refine_g_passes_per_sample", "refine_seconds_per_1000")
         ]
+        change_mean, change_se = mean_se([100 * (r[f"refined/{metric}"] - r[metric]) / r[metric] for r in results])
         lines.append(
             f"| {name} | {kind} | {len(results)} | {shown([r[metric] for r in results])}"
             f" | {shown([r[f'refined/{metric}'] for r in results])}"
+            f" | {change_mean:+.3g} ± {change_se:.2g} %"
             f" | {cost[0]:.3g} | {cost[1]:.3g} | {cost[2]:.3g} |"
         )
     return "\n".join(lines)
