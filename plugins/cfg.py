@@ -177,6 +177,10 @@ class CompositeFunctionalGradient(TargetSource):
         moved = (x - x0).flatten(1).norm(dim=1).mean()
         return Targets(z=z, x=x, pool=True, stats={"target_distance": moved})
 
+    def must_log(self, step: int) -> bool:
+        """The warm start and every stage's end, where a pool is proposed and fitted."""
+        return step < self.offset or self.probe_step(step) == step
+
     def probe_step(self, step: int) -> int:
         """The last step of the stage ``step`` is in, where the pool is proposed."""
         if step < self.offset:

@@ -162,6 +162,11 @@ class TargetSource(ABC):
         after the regression step, with this step's targets."""
         return {}
 
+    def must_log(self, step: int) -> bool:
+        """True for a step whose statistics are logged whatever ``train.log_every`` says: a source that proposes
+        only at some steps (cfg: a stage's end) keeps the target distance and reach of every proposal."""
+        return False
+
     def probe_step(self, step: int) -> int:
         """The step ``targetgen probe`` asks for targets at, from a run at ``step``: that step, unless the source
         proposes only at some steps (cfg: at the end of a stage)."""

@@ -15,6 +15,7 @@ from targetgen.errors import ConfigError
 from targetgen.models import build_discriminator
 from targetgen.training import build_run, config_of_run, plan_run_dir, train
 from targetgen.training.checkpoint import load_checkpoint
+from targetgen.training.rundir import read_metrics
 
 TINY_CLI = [a for o in TINY for a in ("--set", o)]
 CFG = ["targets.options.T=3", "targets.options.pool=64", "regression.pool_epochs=2", "regression.optimizer=rmsprop"]
@@ -181,6 +182,15 @@ def test_cfg_trains_stages_resumes_exactly_and_samples_its_composite(tiny_config
     assert resumed.strategy.source.probe_step(9) == 9 and resumed.strategy.source.probe_step(10) == 12
     code, out, err = run_cli("probe", str(split_dir), "--batch-size", "16")
     assert code == 0 and "alignment" in out, err
+
+
+def test_cfg_logs_every_stage_end_whatever_the_logging_interval(tiny_config):
+    config = tiny_config(*CFG, "train.steps=9", "train.log_every=5", targets="cfg")
+    train(config, plan_run_dir(config), progress=False)
+    records = read_metrics(plan_run_dir(config, True) / "metrics.jsonl")
+    # the warm start (1) and the ends of the stages of T = 3 (4, 7) besides every fifth step and the last
+    assert [r["step"] for r in records] == [1, 4, 5, 7, 9]
+    assert [r["step"] for r in records if "target_reach" in r] == [1, 4, 7]
 
 
 def test_cfg_refuses_a_pool_smaller_than_its_minibatch(tiny_config):

@@ -230,6 +230,7 @@ def _step(
         raise _stopped_by[0]
     t = run.config.train
     log = (pos.step + 1) % t.log_every == 0 or pos.step + 1 == run.total_steps
+    log = log or (run.source is not None and run.source.must_log(pos.step))
     save = (pos.step + 1) % t.checkpoint_every == 0 or pos.step + 1 == run.total_steps
     try:
         stats = run.strategy.step(batch, pos.step, log)
