@@ -716,9 +716,8 @@ def tune(
     """
     import shlex
 
-    from targetgen.files import atomic_write
     from targetgen.tune import confirm as confirm_best
-    from targetgen.tune import load_space, write_tune_report
+    from targetgen.tune import load_space, record_command, write_tune_report
     from targetgen.tune import tune as run_tune
 
     overrides = list(set_ or [])
@@ -734,7 +733,7 @@ def tune(
         raise TargetgenError(f"--cluster: expected auto, slurm or local, got {cluster!r}")
     space = load_space(config, out, overrides)
     space.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(space.out / "command.txt", shlex.join(["targetgen", *sys.argv[1:]]) + "\n", "tune command")
+    record_command(space.out, shlex.join(["targetgen", *sys.argv[1:]]))
     families = ", ".join(f"{f.name} ({len(f.space)} keys)" for f in space.families)
     say(
         f"{len(space.families)} families × {space.tune.trials} trials ({space.tune.sampler} search, equal "

@@ -135,6 +135,9 @@ def test_two_workers_on_one_study_share_it_without_losing_or_repeating_a_trial(t
     numbers = [int(line.split("trial ")[1].split(":")[0]) for line in done]
     assert len(numbers) == len(set(numbers)) == 3  # none run twice, none lost
     assert len({yaml.safe_load(p.read_text())["targets"]["options"]["g_lr"] for p in (out / "configs").iterdir()}) == 3
+    recorded = (out / "command.txt").read_text().splitlines()  # each worker's command, once
+    assert sorted(line.split()[-1] for line in recorded) == ["0", "1"] and len(recorded) == 2
+    assert "--worker 0" in (out / "tune_report.md").read_text()
 
 
 def test_submitit_workers_share_the_study_and_list_choices_reach_the_config(tmp_path):
