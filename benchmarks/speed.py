@@ -35,7 +35,7 @@ from torch.utils.flop_counter import flop_registry
 from targetgen.api import Batch
 from targetgen.config import load_config
 from targetgen.training import build_run
-from targetgen.training.builder import bf16_matrix_units, numeric_format
+from targetgen.training.builder import native_bf16, numeric_format
 
 SHAPES = {
     "64x64x3": ["data.image_size=64", "data.channels=3", "model.ngf=64", "model.ndf=64"],
@@ -250,7 +250,7 @@ def main() -> None:
     precision, channels_last, why = numeric_format(load_config(None), cpu)
     default = f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
     print(
-        f"torch {torch.__version__}; bf16 matrix units: {bf16_matrix_units(cpu) or 'none'}; "
+        f"torch {torch.__version__}; native bf16: {native_bf16(cpu) or 'none'}; "
         f"train.precision/channels_last auto → {default} ({why})"
     )
     results = []

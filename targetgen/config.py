@@ -144,8 +144,8 @@ class TrainConfig:
     sample_every: int = bounded(200, ge=1)
     checkpoint_every: int = bounded(200, ge=1)
     # The numeric format of G's and D's passes (docs/performance.md). bf16: autocast, with inverse examples,
-    # regression targets, losses and metrics in float32; auto: bf16 where the hardware has bf16 matrix units
-    # (AMX on CPU, compute capability >= 8 on CUDA), else fp32. The resolved value is recorded.
+    # regression targets, losses and metrics in float32; auto: bf16 where the hardware computes bf16 natively
+    # (AMX or AVX512-BF16 on CPU, compute capability >= 8 on CUDA), else fp32. The resolved value is recorded.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Images in NHWC, the layout oneDNN and tensor cores prefer; auto: on for images (measured faster on CPU
     # and wherever bf16 runs on tensor cores), off for toy2d's points. The resolved value is recorded.

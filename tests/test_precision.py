@@ -59,12 +59,13 @@ def test_gpu_options_refuse_what_they_cannot_do(tiny_config, overrides, message)
     "units, data, expected",
     [
         ("AMX", "digits", ("bf16", True)),
+        ("AVX512-BF16", "digits", ("bf16", True)),
         (None, "digits", ("fp32", True)),
-        ("AMX", "toy2d", ("fp32", False)),  # the MLPs: too small for matrix units to pay
+        ("AMX", "toy2d", ("fp32", False)),  # the MLPs: too small for bf16 to pay
     ],
 )
-def test_auto_chooses_bf16_where_there_are_matrix_units_and_records_it(tmp_path, monkeypatch, units, data, expected):
-    monkeypatch.setattr(builder, "bf16_matrix_units", lambda device: units)
+def test_auto_chooses_bf16_where_the_hardware_computes_it_and_records_it(tmp_path, monkeypatch, units, data, expected):
+    monkeypatch.setattr(builder, "native_bf16", lambda device: units)
     extra = ["data.name=toy2d", "data.num_points=256"] if data == "toy2d" else []
     config = load_config(
         None,
@@ -89,15 +90,17 @@ def test_auto_chooses_bf16_where_there_are_matrix_units_and_records_it(tmp_path,
 
 def test_this_machines_choice_follows_its_cpu_flags():
     flags = builder._cpu_flags()
-    assert (builder.bf16_matrix_units(torch.device("cpu")) == "AMX") == ("amx_bf16" in flags or "amx_tile" in flags)
+    found = builder.native_bf16(torch.device("cpu"))
+    assert (found == "AMX") == ("amx_bf16" in flags or "amx_tile" in flags)
+    assert (found is None) == ("amx_bf16" not in flags and "amx_tile" not in flags and "avx512_bf16" not in flags)
 
 
-def test_bf16_without_matrix_units_says_what_it_costs(tiny_config, monkeypatch):
-    monkeypatch.setattr(builder, "bf16_matrix_units", lambda device: None)
+def test_emulated_bf16_says_what_it_costs(tiny_config, monkeypatch):
+    monkeypatch.setattr(builder, "native_bf16", lambda device: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_run(tiny_config("train.precision=bf16"))
-    assert any("train.precision: bf16 on cpu, which has no bf16 matrix units" in str(w.message) for w in caught)
+    assert any("train.precision: bf16 on cpu, which computes bf16 only by emulation" in str(w.message) for w in caught)
 
 
 def test_a_bf16_run_resumes_exactly(tiny_config):

@@ -99,15 +99,17 @@ def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
 # ----------------------------------------------------------------------------- the pieces of a run
 
 
-def bf16_matrix_units(device: torch.device) -> str | None:
-    """What runs bf16 matrix products natively on ``device`` (AMX, a CUDA GPU of compute capability >= 8), or None."""
+def native_bf16(device: torch.device) -> str | None:
+    """What computes bf16 products natively on ``device``: AMX or AVX512-BF16 on CPU, the tensor cores of a CUDA
+    GPU of compute capability >= 8; None where bf16 would be emulated."""
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} tensor cores" if major >= 8 else None
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: the flags say the same
-    if (amx() if amx else False) or "amx_bf16" in _cpu_flags():
+    flags = _cpu_flags()
+    if (amx() if amx else False) or "amx_bf16" in flags:
         return "AMX"
-    return None
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
 def _cpu_flags() -> set[str]:
@@ -146,18 +148,16 @@ class Runtime:
 def numeric_format(config: Config, device: torch.device) -> tuple[str, bool, str]:
     """``train.precision`` and ``train.channels_last`` resolved for ``device``: (precision, channels-last, why)."""
     t, images = config.train, config.data.name != "toy2d"
-    units = bf16_matrix_units(device)
+    native = native_bf16(device)
     if t.precision == "auto":
-        precision = "bf16" if units and images else "fp32"
-        why = f"auto: {units}" if units and images else "auto: no bf16 matrix units" if images else "auto: MLPs"
+        precision = "bf16" if native and images else "fp32"
+        why = f"auto: {native}" if native and images else "auto: no native bf16" if images else "auto: MLPs"
     else:
         precision, why = t.precision, "train.precision"
-    if precision == "bf16" and not units:
-        native = device.type == "cpu" and "avx512_bf16" in _cpu_flags()
-        cost = "AVX512-BF16 runs it, with little speed-up" if native else "emulated, several times slower than fp32"
+    if precision == "bf16" and not native:
         warnings.warn(
-            f"train.precision: bf16 on {device}, which has no bf16 matrix units (AMX, or tensor cores of compute "
-            f"capability >= 8): {cost}; auto or fp32 is faster",
+            f"train.precision: bf16 on {device}, which computes bf16 only by emulation (no AMX or AVX512-BF16, "
+            "no tensor cores of compute capability >= 8), which is slower than fp32; auto or fp32 is faster",
             stacklevel=2,
         )
     if t.channels_last is True and not images:
