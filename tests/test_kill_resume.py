@@ -22,7 +22,7 @@ from conftest import TINY
 
 from targetgen.training.rundir import read_metrics
 
-STEPS = 150
+STEPS = 90
 KILLS_PER_SOURCE = 4
 EXTRA = {
     "standard": [],
@@ -100,7 +100,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, targets
         else:
             argv = [*argv, *extra]
         process = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if kills < KILLS_PER_SOURCE and kill_after(process, run_dir, draw.randint(1, 40), draw.uniform(0, 0.02)):
+        if kills < KILLS_PER_SOURCE and kill_after(process, run_dir, draw.randint(1, 20), draw.uniform(0, 0.02)):
             kills += 1
             continue
         _, err = process.communicate(timeout=300)
