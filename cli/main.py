@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from targetgen.errors import Interrupted, TargetgenError, Terminated, raise_terminated
+from targetgen.errors import Interrupted, TargetgenError, Terminated
 from targetgen.files import check_writable, write_json
 
 app = typer.Typer(
@@ -883,12 +883,12 @@ def _die_with_parent() -> None:
 
 
 def main() -> None:
-    import signal
     import warnings
 
+    # SIGTERM keeps its default (the process ends at once) until training, compare or tune install their own
+    # handlers: raised as an exception during start-up, it could land inside an import and be lost there, and a
+    # compare's child would then train on forever.
     warnings.showwarning = _one_line_warning
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, raise_terminated)  # stop like Ctrl-C: cleanup runs, exit status 143
     try:
         _die_with_parent()
         app()

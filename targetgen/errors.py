@@ -49,8 +49,3 @@ class Interrupted(TargetgenError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM: a stop like Ctrl-C (the last checkpoint kept, a resume command printed), exit status 143."""
-
-
-def raise_terminated(signum, frame) -> None:
-    """The SIGTERM handler of targetgen's commands: Python's default would end the process without cleanup."""
-    raise Terminated

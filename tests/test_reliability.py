@@ -467,6 +467,35 @@ def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_training(tmp_path):
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_a_sigterm_swallowed_while_the_run_directory_is_claimed_stops_before_the_first_step(tmp_path):
+    """SIGTERM keeps its default (the process ends) until training owns a run directory; from then on it is
+    remembered, so one whose exception is lost on the way (inside an import, a finaliser) still stops the run
+    before its first step, and an --overwrite puts the old run back."""
+    from targetgen.config import load_config
+    from targetgen.errors import Terminated
+    from targetgen.training import trainer
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # else training would not install its handler
+    config = load_config(None, [*TINY, "train.steps=3", f"train.out_dir={tmp_path}", "train.name=claimed"], "standard")
+    train(config, tmp_path / "claimed")
+    before = (tmp_path / "claimed" / CHECKPOINT).read_bytes()
+    real_claim = trainer._claim
+
+    def claim_then_swallow(*args, **kwargs):
+        replacement = real_claim(*args, **kwargs)
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # (raising it now would end pytest)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        return replacement
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "_claim", claim_then_swallow)
+        with pytest.raises(Terminated):
+            train(config, tmp_path / "claimed", overwrite=True)
+    assert (tmp_path / "claimed" / CHECKPOINT).read_bytes() == before  # the old run, put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path):
     command = [
         sys.executable,

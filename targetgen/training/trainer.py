@@ -23,7 +23,7 @@ from ..api import Batch
 from ..config import Config, dump_config, to_dict
 from ..data import epoch_order, iterate_batches
 from ..distributed import Processes, anywhere, average, local_share, on_main
-from ..errors import ConfigError, DivergenceError, TargetgenError, Terminated, raise_terminated
+from ..errors import ConfigError, DivergenceError, TargetgenError, Terminated
 from ..evaluation import check_evaluation
 from ..progress import progress_bar
 from .builder import build_run
@@ -76,6 +76,7 @@ def train(
     if processes.is_main:
         print(f"training on {run.runtime}", flush=True)
     with contextlib.ExitStack() as held:
+        held.enter_context(_remembering_ctrl_c())  # from the first change to the run directory on
         replacement = on_main(processes, lambda: _claim(held, run_dir, resume, overwrite))
         pos, order, changes = Position(), epoch_order(len(run.data.dataset), config.train.seed, 0), {}
         if resume:
@@ -84,7 +85,6 @@ def train(
         if processes.is_main:
             dump_config(run.config, run_dir / "config.yaml")
             callbacks = held.enter_context(_callbacks(run, run_dir, pos.step, replacement, changes, progress))
-        held.enter_context(_remembering_ctrl_c())
         _loop(run, run_dir, pos, order, callbacks)
     return run
 
@@ -278,7 +278,7 @@ def _remembering_ctrl_c():
         return
     ours = {
         signal.SIGINT: (signal.default_int_handler, KeyboardInterrupt),
-        signal.SIGTERM: (raise_terminated, Terminated),
+        signal.SIGTERM: (signal.SIG_DFL, Terminated),
     }
     previous = {}
 
@@ -290,7 +290,7 @@ def _remembering_ctrl_c():
     _ctrl_c.clear()
     for signum, (default, _) in ours.items():
         current = signal.getsignal(signum)
-        if current is default or (signum == signal.SIGTERM and current == signal.SIG_DFL):
+        if current == default:
             previous[signum] = signal.signal(signum, interrupt)
     try:
         yield
