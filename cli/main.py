@@ -886,8 +886,7 @@ def main() -> None:
     import warnings
 
     # SIGTERM keeps its default (the process ends at once) until training, compare or tune install their own
-    # handlers: raised as an exception during start-up, it could land inside an import and be lost there, and a
-    # compare's child would then train on forever.
+    # handlers: raised as an exception during start-up it was once lost, and a compare's child trained on.
     warnings.showwarning = _one_line_warning
     try:
         _die_with_parent()
