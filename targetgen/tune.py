@@ -297,8 +297,6 @@ def _one_worker_at_a_time(out: Path):
 def record_command(out: Path, command: str) -> None:
     """Add ``command`` to DIR/command.txt unless it is there: every worker's command line (they differ in
     --worker or --jobs) stays on record for the report, each once."""
-    from targetgen.files import atomic_write
-
     with _one_worker_at_a_time(out):
         path = out / "command.txt"
         lines = path.read_text().splitlines() if path.is_file() else []

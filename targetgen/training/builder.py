@@ -157,7 +157,7 @@ def numeric_format(config: Config, device: torch.device) -> tuple[str, bool, str
     if precision == "bf16" and not native:
         warnings.warn(
             f"train.precision: bf16 on {device}, which computes bf16 only by emulation (no AMX or AVX512-BF16, "
-            "no tensor cores of compute capability >= 8), which is slower than fp32; auto or fp32 is faster",
+            "no tensor cores of compute capability >= 8): slower than fp32; auto or fp32 is faster",
             stacklevel=2,
         )
     if t.channels_last is True and not images:
