@@ -36,18 +36,24 @@ def _blocks(image_size: int) -> int:
 
 
 class Generator(nn.Module):
-    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, image_size: int = 64):
+    """With ``small_maps_by_matmul`` the two layers on 1×1 and 4×4 inputs are ``MatmulConvTranspose2d``:
+    the same network and parameters, computed faster under bf16 on AMX."""
+
+    def __init__(
+        self, nz: int = 100, ngf: int = 64, nc: int = 3, image_size: int = 64, small_maps_by_matmul: bool = False
+    ):
         super().__init__()
         n = _blocks(image_size)
+        small = MatmulConvTranspose2d if small_maps_by_matmul else nn.ConvTranspose2d
         layers: list[nn.Module] = [
             # input is Z, going into a convolution
-            nn.ConvTranspose2d(nz, ngf * 2 ** (n - 1), 4, 1, 0, bias=False),
+            small(nz, ngf * 2 ** (n - 1), 4, 1, 0, bias=False),
             nn.BatchNorm2d(ngf * 2 ** (n - 1)),
             nn.ReLU(True),
         ]
         for i in range(n - 1, 0, -1):  # state size doubles, channels halve
             layers += [
-                nn.ConvTranspose2d(ngf * 2**i, ngf * 2 ** (i - 1), 4, 2, 1, bias=False),
+                (small if i == n - 1 else nn.ConvTranspose2d)(ngf * 2**i, ngf * 2 ** (i - 1), 4, 2, 1, bias=False),
                 nn.BatchNorm2d(ngf * 2 ** (i - 1)),
                 nn.ReLU(True),
             ]
@@ -59,17 +65,29 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, sigmoid: bool = True, batchnorm: bool = True):
+    """With ``small_maps_by_matmul`` the two layers with 4×4 and 1×1 outputs are ``MatmulConv2d`` (as the
+    generator's)."""
+
+    def __init__(
+        self,
+        ndf: int = 64,
+        nc: int = 3,
+        image_size: int = 64,
+        sigmoid: bool = True,
+        batchnorm: bool = True,
+        small_maps_by_matmul: bool = False,
+    ):
         super().__init__()
         n = _blocks(image_size)
+        small = MatmulConv2d if small_maps_by_matmul else nn.Conv2d
         layers: list[nn.Module] = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
         for i in range(1, n):
             layers += [
-                nn.Conv2d(ndf * 2 ** (i - 1), ndf * 2**i, 4, 2, 1, bias=False),
+                (small if i == n - 1 else nn.Conv2d)(ndf * 2 ** (i - 1), ndf * 2**i, 4, 2, 1, bias=False),
                 *([nn.BatchNorm2d(ndf * 2**i)] if batchnorm else []),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
-        layers.append(nn.Conv2d(ndf * 2 ** (n - 1), 1, 4, 1, 0, bias=False))
+        layers.append(small(ndf * 2 ** (n - 1), 1, 4, 1, 0, bias=False))
         # The tutorial ends in Sigmoid for BCELoss; other losses want raw scores.
         if sigmoid:
             layers.append(nn.Sigmoid())
@@ -197,23 +215,29 @@ def weights_init(m: nn.Module) -> None:
         nn.init.constant_(m.bias.data, 0)
 
 
-def build_generator(image_shape: tuple[int, ...], model: ModelConfig) -> nn.Module:
+def build_generator(image_shape: tuple[int, ...], model: ModelConfig, small_maps_by_matmul: bool = False) -> nn.Module:
     if len(image_shape) == 1:
         return MLPGenerator(model.nz, generator_spec(model), image_shape[0])
-    netG = Generator(model.nz, model.ngf, image_shape[0], image_shape[1])
+    netG = Generator(model.nz, model.ngf, image_shape[0], image_shape[1], small_maps_by_matmul)
     netG.apply(weights_init)
     return netG
 
 
 def build_discriminator(
-    image_shape: tuple[int, ...], model: ModelConfig, sigmoid: bool = True, spectral_norm: bool = False
+    image_shape: tuple[int, ...],
+    model: ModelConfig,
+    sigmoid: bool = True,
+    spectral_norm: bool = False,
+    small_maps_by_matmul: bool = False,
 ) -> nn.Module:
     """The discriminator for ``image_shape``; with ``spectral_norm`` every layer is spectrally normalised (after
     the tutorial's initialisation) and the DCGAN's batch norms are left out (``discriminators.with_spectral_norm``)."""
     if len(image_shape) == 1:
         netD = MLPDiscriminator(discriminator_spec(model), image_shape[0], sigmoid)
     else:
-        netD = Discriminator(model.ndf, image_shape[0], image_shape[1], sigmoid, batchnorm=not spectral_norm)
+        netD = Discriminator(
+            model.ndf, image_shape[0], image_shape[1], sigmoid, not spectral_norm, small_maps_by_matmul
+        )
         netD.apply(weights_init)
     if spectral_norm:
         with_spectral_norm(netD)
@@ -262,6 +286,141 @@ def training_memory(image_shape: tuple[int, ...], model: ModelConfig, batch_size
 def latent_shape(image_shape: tuple[int, ...], nz: int) -> tuple[int, ...]:
     """Shape of one latent: nz×1×1 for the DCGAN generator, nz for the MLP."""
     return (nz,) if len(image_shape) == 1 else (nz, 1, 1)
+
+
+def _windows(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """Every kernel window of ``x`` (N×C×H×W) as one row, ordered (kh, kw, c): N·Ho·Wo × k·k·C (im2col).
+    Channels innermost, so that the copy moves contiguous runs of a channels-last tensor."""
+    n, c = x.shape[:2]
+    padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
+    windows = padded.unfold(1, kernel, stride).unfold(2, kernel, stride)  # N Ho Wo C kh kw
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(-1, kernel * kernel * c)
+
+
+def _sum_windows(rows: Tensor, shape: torch.Size, kernel: int, stride: int, padding: int) -> Tensor:
+    """The adjoint of ``_windows``: each row added back where its window lies, into a channels-last tensor
+    of ``shape`` (N×C×H×W); one strided add per kernel position (col2im)."""
+    n, c, h, w = shape
+    ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    blocks = rows.view(n, ho, wo, kernel, kernel, c)
+    out = rows.new_zeros(n, h + 2 * padding, w + 2 * padding, c)
+    for kh in range(kernel):
+        for kw in range(kernel):
+            out[:, kh : kh + stride * (ho - 1) + 1 : stride, kw : kw + stride * (wo - 1) + 1 : stride] += blocks[
+                :, :, :, kh, kw
+            ]
+    return out[:, padding : padding + h, padding : padding + w].permute(0, 3, 1, 2)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """N×C×H×W as N·H·W rows of C channels."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _weight_matrix(weight: Tensor) -> Tensor:
+    """A×B×k×k as A × k·k·B, in ``_windows``' order."""
+    return weight.permute(0, 2, 3, 1).reshape(len(weight), -1)
+
+
+class _ConvByMatmul(torch.autograd.Function):
+    """A bias-free convolution (``transposed``: its transpose) as matmuls on windows, forward and backward.
+
+    A convolution is ``windows(x) @ W.T``; its transpose with the same weight is the adjoint,
+    ``sum_windows(x @ W)``. So both directions of both layers are one matmul each and a window
+    copy or sum, and the weight gradient is ``rows(small side).T @ windows(large side)``. The backward
+    is made of differentiable operations: second derivatives (R1) work.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, stride: int, padding: int, transposed: bool, shape) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding, transposed
+        kernel = weight.shape[-1]
+        if transposed:
+            out = _sum_windows(_rows(x) @ _weight_matrix(weight), shape, kernel, stride, padding)
+        else:
+            out = _windows(x, kernel, stride, padding) @ _weight_matrix(weight).t()
+            out = out.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        # a copy, not a view: the next layer may be an in-place activation (autograd forbids views here)
+        return out.clone(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, transposed = ctx.geometry
+        kernel = weight.shape[-1]
+        large, small = (grad, x) if transposed else (x, grad)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            if transposed:  # the convolution of grad
+                rows = _windows(grad, kernel, stride, padding) @ _weight_matrix(weight).t()
+                grad_x = rows.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+            else:  # the transposed convolution of grad
+                grad_x = _sum_windows(_rows(grad) @ _weight_matrix(weight), x.shape, kernel, stride, padding)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _rows(small).t().contiguous() @ _windows(large, kernel, stride, padding)
+            grad_weight = grad_weight.view(len(weight), kernel, kernel, weight.shape[1]).permute(0, 3, 1, 2)
+        return grad_x, grad_weight, None, None, None, None
+
+
+def _check_geometry(conv: nn.Module) -> None:
+    kh, kw = conv.kernel_size
+    if (
+        kh != kw
+        or len(set(conv.stride)) > 1
+        or len(set(conv.padding)) > 1
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.bias is not None
+        or getattr(conv, "output_padding", (0, 0)) != (0, 0)
+    ):
+        raise ValueError(
+            f"{type(conv).__name__}: square kernels, one stride and padding, no dilation, groups, bias or "
+            f"output padding; got {conv}"
+        )
+
+
+def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and ``weight`` in autocast's dtype where it is on, as autocast casts a convolution's inputs."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+class MatmulConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same function) computed by matmul: for layers with small outputs.
+
+    On AMX, oneDNN's bf16 kernels run the DCGAN layers with 4×4 and 1×1 outputs at a small fraction of
+    matmul speed (their weight gradient slower than in fp32); as matmuls they take 2–3× less time
+    (docs/performance.md). Equal to ``nn.Conv2d`` up to rounding, gradients included (tests/test_models.py).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_geometry(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x, weight = _autocast(input, self.weight)
+        s, p, k = self.stride[0], self.padding[0], self.kernel_size[0]
+        n, _, h, w = x.shape
+        shape = torch.Size((n, self.out_channels, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1))
+        return _ConvByMatmul.apply(x, weight, s, p, False, shape)
+
+
+class MatmulConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` computed by matmul, for layers with small inputs (as ``MatmulConv2d``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_geometry(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x, weight = _autocast(input, self.weight)
+        s, p, k = self.stride[0], self.padding[0], self.kernel_size[0]
+        n, _, h, w = x.shape
+        shape = torch.Size((n, self.out_channels, (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k))
+        return _ConvByMatmul.apply(x, weight, s, p, True, shape)
 
 
 class LatentProjection(nn.Module):

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from targetgen.config import Activation, ModelConfig, load_config
 from targetgen.errors import ConfigError
@@ -12,6 +13,8 @@ from targetgen.models import (
     Discriminator,
     Generator,
     LatentProjection,
+    MatmulConv2d,
+    MatmulConvTranspose2d,
     Maxout,
     MLPGenerator,
     MLPSpec,
@@ -99,6 +102,87 @@ def test_layers_other_than_theirs_are_refused():
         UpsamplingByMatmul(nn.ConvTranspose2d(4, 4, 3, 2, 1, bias=False))
     with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1, no bias"):
         UpsamplingByMatmul(nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=True))
+
+
+MATMUL_LAYERS = [  # (transposed, in, out, kernel, stride, padding, input side): the DCGAN's and others
+    (False, 6, 5, 4, 2, 1, 8),
+    (False, 7, 1, 4, 1, 0, 4),
+    (False, 3, 4, 3, 1, 1, 5),
+    (True, 5, 3, 4, 2, 1, 4),
+    (True, 6, 4, 4, 1, 0, 1),
+    (True, 2, 3, 3, 2, 0, 3),
+]
+
+
+@pytest.mark.parametrize("transposed, c_in, c_out, k, s, p, side", MATMUL_LAYERS)
+def test_matmul_convolutions_are_the_library_layers_with_their_gradients(transposed, c_in, c_out, k, s, p, side):
+    torch.manual_seed(0)
+    library = (nn.ConvTranspose2d if transposed else nn.Conv2d)(c_in, c_out, k, s, p, bias=False).double()
+    matmul = (MatmulConvTranspose2d if transposed else MatmulConv2d)(c_in, c_out, k, s, p, bias=False).double()
+    matmul.load_state_dict(library.state_dict())
+    x = torch.randn(3, c_in, side, side + 1, dtype=torch.float64)
+    results = []
+    for layer in (library, matmul):
+        xx = x.clone().requires_grad_()
+        out = layer(xx)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out, xx.grad, layer.weight.grad))
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # second derivatives (R1 differentiates a gradient) through the matmul backward
+    xx = x[:1].clone().requires_grad_()
+    torch.autograd.gradgradcheck(lambda a, w: functional_call(matmul, {"weight": w}, (a,)), (xx, matmul.weight))
+
+
+def test_matmul_convolutions_refuse_what_they_do_not_compute():
+    with pytest.raises(ValueError, match="MatmulConv2d: square kernels, one stride and padding, no dilation"):
+        MatmulConv2d(4, 4, 4, 2, 1, bias=True)
+    with pytest.raises(ValueError, match="MatmulConvTranspose2d: square kernels"):
+        MatmulConvTranspose2d(4, 4, 4, 2, 1, output_padding=1, bias=False)
+    with pytest.raises(ValueError, match="MatmulConv2d: square kernels"):
+        MatmulConv2d(4, 4, (3, 4), 2, 1, bias=False)
+
+
+def test_matmul_convolutions_follow_autocast_as_the_library_layers():
+    torch.manual_seed(0)
+    library, matmul = nn.Conv2d(8, 16, 4, 2, 1, bias=False), MatmulConv2d(8, 16, 4, 2, 1, bias=False)
+    matmul.load_state_dict(library.state_dict())
+    x = torch.randn(4, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected, got = library(x), matmul(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)
+    got.float().sum().backward()
+    assert matmul.weight.grad.dtype == torch.float32  # the weights and their gradients stay float32
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_small_maps_by_matmul_are_the_same_networks(size, spectral_norm):
+    torch.manual_seed(0)
+    model = ModelConfig(nz=6, ngf=4, ndf=4)
+    nets = []
+    for matmul in (False, True):
+        g = build_generator((3, size, size), model, small_maps_by_matmul=matmul).double()
+        d = build_discriminator((3, size, size), model, True, spectral_norm, small_maps_by_matmul=matmul).double()
+        nets.append((g, d))
+    (g0, d0), (g1, d1) = nets
+    g1.load_state_dict(g0.state_dict())
+    d1.load_state_dict(d0.state_dict())  # the same parameters under the same names: checkpoints are shared
+    g_kinds = [type(m) for m in g1.main if isinstance(m, nn.ConvTranspose2d)]
+    d_matmul = [isinstance(m, MatmulConv2d) for m in d1.main if isinstance(m, nn.Conv2d)]  # spectral norm: a subclass
+    blocks = len(g_kinds) - 2
+    assert g_kinds == [MatmulConvTranspose2d] * 2 + [nn.ConvTranspose2d] * blocks  # on the 1×1 and 4×4 inputs
+    assert d_matmul == [False] * blocks + [True] * 2  # 4×4, 1×1 outputs
+    z = torch.randn(5, 6, 1, 1, dtype=torch.float64)
+    results = []
+    for g, d in nets:
+        images = g(z)
+        d(images).sum().backward()
+        results.append([images, *(p.grad for p in [*g.parameters(), *d.parameters()])])
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("image_shape", [(1, 32, 32), (3, 64, 64)])

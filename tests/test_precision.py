@@ -11,6 +11,7 @@ from targetgen import Batch
 from targetgen.config import load_config
 from targetgen.distributed import Autocast
 from targetgen.errors import ConfigError
+from targetgen.models import MatmulConv2d, MatmulConvTranspose2d
 from targetgen.training import build_run, builder, config_of_run, plan_run_dir, train
 from targetgen.training.checkpoint import load_checkpoint
 
@@ -86,6 +87,10 @@ def test_auto_chooses_bf16_where_the_hardware_computes_it_and_records_it(tmp_pat
     saved = config_of_run(tmp_path / "auto").train
     assert (saved.precision, saved.channels_last) == expected  # config.yaml records the choice, not "auto"
     assert expected[0] in run.runtime and ("channels-last" in run.runtime) == expected[1]
+    # on AMX, bf16 computes the layers on the 4×4 side by matmul (oneDNN's bf16 kernels are slow there)
+    matmul = units == "AMX" and data == "digits"
+    assert any(isinstance(m, MatmulConvTranspose2d) for m in run.generator.modules()) == matmul
+    assert ("4×4 layers by matmul" in run.runtime) == matmul
 
 
 def test_this_machines_choice_follows_its_cpu_flags():
@@ -103,7 +108,9 @@ def test_emulated_bf16_says_what_it_costs(tiny_config, monkeypatch):
     assert any("train.precision: bf16 on cpu, which computes bf16 only by emulation" in str(w.message) for w in caught)
 
 
-def test_a_bf16_run_resumes_exactly(tiny_config):
+@pytest.mark.parametrize("units", ["AMX", "AVX512-BF16"])
+def test_a_bf16_run_resumes_exactly(tiny_config, monkeypatch, units):
+    monkeypatch.setattr(builder, "native_bf16", lambda device: units)  # with and without the matmul layers
     options = ["train.precision=bf16", "train.channels_last=true", "train.checkpoint_every=3"]
     whole_config = tiny_config(*options, "train.steps=6", targets="inversion", name="whole")
     whole_dir = plan_run_dir(whole_config)
@@ -113,6 +120,8 @@ def test_a_bf16_run_resumes_exactly(tiny_config):
     train(first, split_dir, progress=False)
     resumed = train(config_of_run(split_dir, ["train.steps=6"]), split_dir, resume=True, progress=False)
     assert resumed.config.train.precision == "bf16"
+    matmul = [isinstance(m, MatmulConv2d) for m in resumed.strategy.source.plain_netD.modules()]
+    assert any(matmul) == (units == "AMX")
     for p, q in zip(whole.generator.parameters(), resumed.generator.parameters(), strict=True):
         assert torch.equal(p, q)
     a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["strategy"] for d in (whole_dir, split_dir))

@@ -130,6 +130,7 @@ class Runtime:
     precision: str  # fp32 | bf16
     channels_last: bool
     why: str  # what decided the numeric format, for the line printed at the start
+    small_maps_by_matmul: bool = False  # bf16 on AMX: the networks' 4×4-side layers as matmuls (models.MatmulConv2d)
 
     @property
     def bf16(self) -> bool:
@@ -142,7 +143,8 @@ class Runtime:
     def describe(self) -> str:
         threads = f", {self.threads} CPU thread{'s' * (self.threads > 1)}" if self.device.type == "cpu" else ""
         layout = "channels-last" if self.channels_last else "contiguous"
-        return f"{self.device}{threads}, {self.precision} ({self.why}), {layout}"
+        matmul = ", 4×4 layers by matmul" if self.small_maps_by_matmul else ""
+        return f"{self.device}{threads}, {self.precision} ({self.why}), {layout}{matmul}"
 
 
 def numeric_format(config: Config, device: torch.device) -> tuple[str, bool, str]:
@@ -186,8 +188,10 @@ def runtime(config: Config, processes: Processes) -> Runtime:
             )
     check_batch(t.batch_size, drop_last, processes)
     precision, channels_last, why = numeric_format(config, device)
+    # oneDNN's bf16 kernels for these layers are slow on AMX; elsewhere they were not measured slower
+    small_maps_by_matmul = precision == "bf16" and device.type == "cpu" and native_bf16(device) == "AMX"
     seed_everything(t.seed)
-    return Runtime(device, threads, drop_last, precision, channels_last, why)
+    return Runtime(device, threads, drop_last, precision, channels_last, why, small_maps_by_matmul)
 
 
 @dataclass
@@ -205,7 +209,7 @@ def networks(config: Config, shape: tuple[int, ...], rt: Runtime, processes: Pro
     m = config.model
     check_memory(shape, m, config.train.batch_size)
     z_shape = latent_shape(shape, m.nz)
-    netG = build_generator(shape, m).to(rt.device, memory_format=rt.layout)
+    netG = build_generator(shape, m, rt.small_maps_by_matmul).to(rt.device, memory_format=rt.layout)
 
     def sample_latents(count: int) -> Tensor:
         # Every process draws the latents of the whole global batch (the RNG streams stay
@@ -213,7 +217,7 @@ def networks(config: Config, shape: tuple[int, ...], rt: Runtime, processes: Pro
         return local_share(torch.randn(count * processes.world_size, *z_shape, device=rt.device), processes)
 
     def make_discriminator(sigmoid: bool = True) -> nn.Module:
-        netD = build_discriminator(shape, m, sigmoid, config.discriminator.spectral_norm)
+        netD = build_discriminator(shape, m, sigmoid, config.discriminator.spectral_norm, rt.small_maps_by_matmul)
         netD = netD.to(rt.device, memory_format=rt.layout)
         return wrap(netD, processes, rt.device, rt.bf16)
 
