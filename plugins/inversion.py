@@ -35,7 +35,7 @@ from torch import Tensor
 
 from targetgen import Batch, Targets, TargetSource, TrainingContext, bounded, registry
 from targetgen.api import require_finite
-from targetgen.distributed import unwrap
+from targetgen.distributed import in_bf16, unwrap
 from targetgen.errors import ConfigError
 from targetgen.models import forward_preserving_buffers, frozen
 from targetgen.schedules import scheduled
@@ -124,7 +124,7 @@ class DiscriminatorInversion(TargetSource):
             if w
         ]
         # netD is what the discriminator step calls (inside DDP / autocast when configured);
-        # inverse examples differentiate the plain network, in float32.
+        # inverse examples differentiate the plain network (not DDP: no gradient of its weights is reduced).
         self.netD = context.make_discriminator(sigmoid=options.d_loss == "bce").to(context.device)
         self.plain_netD = unwrap(self.netD)
         self.optimizerD = torch.optim.Adam(self.netD.parameters(), lr=options.d_lr, betas=options.d_betas)
@@ -195,7 +195,8 @@ class DiscriminatorInversion(TargetSource):
         Returns x' (detached) and the mean discriminator output on ``x0``.
         Only ``x`` is differentiated: the discriminator is frozen (its weights
         detached, gathered once for all N1 passes) and its BatchNorm
-        statistics stay as the update left them.
+        statistics stay as the update left them. In a bf16 run D's matrix
+        products are bf16, as in its update; x, x' and the move stay float32.
         """
         o = self.options
         length = self.lambda1(step) / o.steps
@@ -203,6 +204,8 @@ class DiscriminatorInversion(TargetSource):
         # global batch, so its mean is rescaled to the global one's per-sample weight.
         step_size = length / self.context.world_size
         netD = frozen(self.plain_netD)
+        if self.context.precision == "bf16":
+            netD = in_bf16(netD, self.context.device.type)
         probabilities = self.plain_netD.outputs_probabilities
         x = x0  # float32 (or float64) even under bf16: Autocast hands back float32
         d_before = torch.zeros(())

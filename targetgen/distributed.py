@@ -114,8 +114,18 @@ class Autocast(nn.Module):
         self.device_type = device_type
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.module(*inputs).float()
+        return in_bf16(self.module, self.device_type)(*inputs)
+
+
+def in_bf16(network: Callable[..., Tensor], device_type: str) -> Callable[..., Tensor]:
+    """``network`` (a module or a function of one, as ``models.frozen``'s) under bf16 autocast, handing back
+    float32 as ``Autocast``: its matrix products in bf16, what comes out of it and its input gradients float32."""
+
+    def call(*inputs: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return network(*inputs).float()
+
+    return call
 
 
 def wrap(module: nn.Module, processes: Processes, device: torch.device, bf16: bool = False) -> nn.Module:

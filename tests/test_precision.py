@@ -16,7 +16,7 @@ from targetgen.training import build_run, builder, config_of_run, plan_run_dir, 
 from targetgen.training.checkpoint import load_checkpoint
 
 
-def test_bf16_runs_the_networks_in_bf16_and_inverts_in_float32(tiny_config):
+def test_bf16_runs_the_networks_in_bf16_and_keeps_inverse_examples_float32(tiny_config):
     config = tiny_config("train.steps=2", "train.precision=bf16", targets="inversion")
     run = build_run(config)
     source = run.source
@@ -28,8 +28,8 @@ def test_bf16_runs_the_networks_in_bf16_and_inverts_in_float32(tiny_config):
     source.update(batch, 0)
     targets = source.propose(batch, 0)
     assert targets.prediction.dtype == torch.float32 and targets.x.dtype == torch.float32
-    # the discriminator step runs under autocast (bf16 inside), the inversion in float32
-    assert seen[-1] == (torch.float32, torch.float32)
+    # the discriminator step and the inversion's pass run under autocast (bf16 inside); x and x' are float32
+    assert seen[-1] == (torch.float32, torch.bfloat16)
     assert any(out == torch.bfloat16 for _, out in seen[:-1])
     trained = train(config, plan_run_dir(config, False), progress=False)  # and trains end to end
     assert all(torch.isfinite(p).all() for p in trained.generator.parameters())
