@@ -332,9 +332,7 @@ class _ConvByMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, stride: int, padding: int, transposed: bool, shape) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = stride, padding, transposed
+    def forward(x: Tensor, weight: Tensor, stride: int, padding: int, transposed: bool, shape) -> Tensor:
         kernel = weight.shape[-1]
         if transposed:
             out = _sum_windows(_rows(x) @ _weight_matrix(weight), shape, kernel, stride, padding)
@@ -345,9 +343,30 @@ class _ConvByMatmul(torch.autograd.Function):
         return out.clone(memory_format=torch.channels_last)
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # apart from forward: torch.func transforms need it
+        x, weight, stride, padding, transposed, shape = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.geometry = stride, padding, transposed, shape
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor | None, weight_tangent: Tensor | None, *_) -> Tensor:
+        """Forward-mode derivative (``targetgen probe``'s kernel products): the layer is bilinear in (x, W)."""
+        x, weight = ctx.saved_tensors
+        stride, padding, transposed, shape = ctx.geometry
+        terms = (
+            [_ConvByMatmul.forward(x_tangent, weight, stride, padding, transposed, shape)]
+            if x_tangent is not None
+            else []
+        )
+        if weight_tangent is not None:
+            terms.append(_ConvByMatmul.forward(x, weight_tangent, stride, padding, transposed, shape))
+        return sum(terms[1:], terms[0])
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        stride, padding, transposed = ctx.geometry
+        stride, padding, transposed, _ = ctx.geometry
         kernel = weight.shape[-1]
         large, small = (grad, x) if transposed else (x, grad)
         grad_x = grad_weight = None

@@ -1,4 +1,5 @@
 import typing
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,14 @@ def test_matmul_convolutions_are_the_library_layers_with_their_gradients(transpo
     # second derivatives (R1 differentiates a gradient) through the matmul backward
     xx = x[:1].clone().requires_grad_()
     torch.autograd.gradgradcheck(lambda a, w: functional_call(matmul, {"weight": w}, (a,)), (xx, matmul.weight))
+    # forward mode (targetgen probe's kernel products): the same directional derivative as the library layer
+    tangents = ({"weight": torch.randn_like(library.weight)}, (torch.randn_like(x),))
+    expected, got = (
+        torch.func.jvp(partial(functional_call, layer), ({"weight": library.weight.detach()}, (x,)), tangents)
+        for layer in (library, matmul)
+    )
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
 def test_matmul_convolutions_refuse_what_they_do_not_compute():
