@@ -410,9 +410,9 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 class MatmulConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same function) computed by matmul: for layers with small outputs.
 
-    On AMX, oneDNN's bf16 kernels run the DCGAN layers with 4×4 and 1×1 outputs at a small fraction of
-    matmul speed (their weight gradient slower than in fp32); as matmuls they take 2–3× less time
-    (docs/performance.md). Equal to ``nn.Conv2d`` up to rounding, gradients included (tests/test_models.py).
+    On AMX, oneDNN's bf16 kernels run the DCGAN layers with 4×4 and 1×1 outputs far below matmul speed; as
+    matmuls they are 1.5–6× faster, and slower on larger maps (``benchmarks/layers.py``). Equal to
+    ``nn.Conv2d`` up to rounding, gradients included (tests/test_models.py).
     """
 
     def __init__(self, *args, **kwargs):
