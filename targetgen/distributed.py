@@ -140,7 +140,7 @@ def wrap(module: nn.Module, processes: Processes, device: torch.device, bf16: bo
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain network inside DDP and autocast wrappers: for checkpoints, samples,
-    evaluation (rank 0 alone) and input gradients (inverse examples, in float32)."""
+    evaluation (rank 0 alone) and input gradients (inverse examples)."""
     while isinstance(module, (DistributedDataParallel, Autocast)):
         module = module.module
     return module
