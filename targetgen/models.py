@@ -370,14 +370,17 @@ class _ConvByMatmul(torch.autograd.Function):
         kernel = weight.shape[-1]
         large, small = (grad, x) if transposed else (x, grad)
         grad_x = grad_weight = None
+        # the large side's windows, once: both gradients of a transposed layer read them
+        needed = ctx.needs_input_grad[1] or (transposed and ctx.needs_input_grad[0])
+        windows = _windows(large, kernel, stride, padding) if needed else None
         if ctx.needs_input_grad[0]:
             if transposed:  # the convolution of grad
-                rows = _windows(grad, kernel, stride, padding) @ _weight_matrix(weight).t()
+                rows = windows @ _weight_matrix(weight).t()
                 grad_x = rows.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
             else:  # the transposed convolution of grad
                 grad_x = _sum_windows(_rows(grad) @ _weight_matrix(weight), x.shape, kernel, stride, padding)
         if ctx.needs_input_grad[1]:
-            grad_weight = _rows(small).t().contiguous() @ _windows(large, kernel, stride, padding)
+            grad_weight = _rows(small).t().contiguous() @ windows
             grad_weight = grad_weight.view(len(weight), kernel, kernel, weight.shape[1]).permute(0, 3, 1, 2)
         return grad_x, grad_weight, None, None, None, None
 
@@ -407,7 +410,27 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return x, weight
 
 
-class MatmulConv2d(nn.Conv2d):
+class _ByMatmul:
+    """What both matmul layers share: the geometry check, autocast's cast, the output size and the call."""
+
+    transposed: bool
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_geometry(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x, weight = _autocast(input, self.weight)
+        s, p, k = self.stride[0], self.padding[0], self.kernel_size[0]
+        n, _, h, w = x.shape
+        if self.transposed:
+            sides = ((h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k)
+        else:
+            sides = ((h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+        return _ConvByMatmul.apply(x, weight, s, p, self.transposed, torch.Size((n, self.out_channels, *sides)))
+
+
+class MatmulConv2d(_ByMatmul, nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same function) computed by matmul: for layers with small outputs.
 
     On AMX, oneDNN's bf16 kernels run the DCGAN layers with 4×4 and 1×1 outputs far below matmul speed; as
@@ -415,31 +438,13 @@ class MatmulConv2d(nn.Conv2d):
     ``nn.Conv2d`` up to rounding, gradients included (tests/test_models.py).
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _check_geometry(self)
-
-    def forward(self, input: Tensor) -> Tensor:
-        x, weight = _autocast(input, self.weight)
-        s, p, k = self.stride[0], self.padding[0], self.kernel_size[0]
-        n, _, h, w = x.shape
-        shape = torch.Size((n, self.out_channels, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1))
-        return _ConvByMatmul.apply(x, weight, s, p, False, shape)
+    transposed = False
 
 
-class MatmulConvTranspose2d(nn.ConvTranspose2d):
+class MatmulConvTranspose2d(_ByMatmul, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` computed by matmul, for layers with small inputs (as ``MatmulConv2d``)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _check_geometry(self)
-
-    def forward(self, input: Tensor) -> Tensor:
-        x, weight = _autocast(input, self.weight)
-        s, p, k = self.stride[0], self.padding[0], self.kernel_size[0]
-        n, _, h, w = x.shape
-        shape = torch.Size((n, self.out_channels, (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k))
-        return _ConvByMatmul.apply(x, weight, s, p, True, shape)
+    transposed = True
 
 
 class LatentProjection(nn.Module):
