@@ -8,9 +8,16 @@ affects every contender alike), the ratio to the tutorial loop, the FLOPs of one
 (``torch.utils.flop_counter``'s formulas), and the share of the machine's peak that makes: the peak
 is a 2048² matmul in the same precision on the same threads, measured in the same run.
 
+The goals (the default standard step ÷ the tutorial loop, the default decomposed step's time ÷ the
+standard one's) are judged on paired ratios: after the table, the three contenders they involve run
+back to back ``--paired`` times, each ratio is taken within one such round (seconds apart), and the
+median and the range of those ratios are reported. A machine whose speed drifts over minutes moves
+both sides of a pair alike.
+
     python benchmarks/speed.py                     # both shapes, 1 and 2 threads (about 10 minutes alone)
     python benchmarks/speed.py --compile           # and every contender compiled (compile time apart)
     python benchmarks/speed.py --quick --threads 1 --shapes 32x32x1
+    python benchmarks/speed.py --goals-only --paired 30   # only the paired goal ratios
     python benchmarks/speed.py --json speed.json   # the numbers, for docs/performance.md
 
 Run it alone: a second process on the cores distorts every figure.
@@ -180,23 +187,57 @@ def contenders(shape: str, steps: int, with_compile: bool) -> list[Contender]:
     return found
 
 
-def measure(threads: int, shape: str, reps: int, with_compile: bool) -> dict:
+def timed(c: Contender, steps: int) -> float:
+    """Images/s of one call of ``c``."""
+    started = time.perf_counter()
+    c.fn()
+    return steps * BATCH / (time.perf_counter() - started)
+
+
+def goal_names(default: str) -> list[str]:
+    """The contenders the goals compare: the tutorial loop, the default standard and decomposed steps."""
+    return ["tutorial loop (fp32)", f"standard, {default}", f"decomposed N1=N2=1, {default}"]
+
+
+def paired_goals(found: list[Contender], default: str, steps: int, rounds: int) -> dict:
+    """The goal ratios, each taken within one round of the three contenders they involve (seconds apart)."""
+    trio = [next(c for c in found if c.name == name) for name in goal_names(default)]
+    speedups, time_ratios = [], []
+    for round_ in range(rounds):
+        order = range(3) if round_ % 2 == 0 else range(2, -1, -1)
+        rate = {i: timed(trio[i], steps) for i in order}
+        speedups.append(rate[1] / rate[0])
+        time_ratios.append(rate[1] / rate[2])
+    return {
+        "rounds": rounds,
+        "standard_vs_tutorial": summary(speedups),
+        "decomposed_time_vs_standard": summary(time_ratios),
+    }
+
+
+def summary(values: list[float]) -> dict:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(values), "max": max(values), "values": values}
+
+
+def measure(threads: int, shape: str, reps: int, rounds: int, with_compile: bool, default: str) -> dict:
     torch.set_num_threads(threads)
     steps = 1 if shape == "64x64x3" else 6
     peaks = {p: peak(p) for p in ("fp32", "bf16")}
     found = contenders(shape, steps, with_compile)
+    if not reps:  # the goals only
+        found = [c for c in found if c.name in goal_names(default)]
     torch.set_num_threads(threads)  # building a run sets the threads from its config
     for c in found:
         c.fn()  # warm-up (oneDNN picks and caches its kernels)
         c.flops = step_flops(c.fn) / steps
     for rep in range(reps):
         for c in found if rep % 2 == 0 else found[::-1]:  # position in the round favours no one
-            started = time.perf_counter()
-            c.fn()
-            c.rates.append(steps * BATCH / (time.perf_counter() - started))
-    base = statistics.median(found[0].rates)
+            c.rates.append(timed(c, steps))
+    goals = paired_goals(found, default, steps, rounds) if rounds else None
     rows = []
-    for c in found:
+    base = statistics.median(found[0].rates) if reps else None
+    for c in found if reps else []:
         rate = statistics.median(c.rates)
         achieved = c.flops * rate / BATCH / 1e9
         rows.append(
@@ -210,42 +251,61 @@ def measure(threads: int, shape: str, reps: int, with_compile: bool) -> dict:
                 "compile_s": c.compile_s,
             }
         )
-    return {"threads": threads, "shape": shape, "batch": BATCH, "reps": reps, "peak_gflop_per_s": peaks, "rows": rows}
+    return {
+        "threads": threads,
+        "shape": shape,
+        "batch": BATCH,
+        "reps": reps,
+        "peak_gflop_per_s": peaks,
+        "rows": rows,
+        "paired_goals": goals,
+    }
 
 
 def report(result: dict, default: str) -> None:
-    print(
-        f"\n### {result['shape']}, batch {result['batch']}, {result['threads']} thread(s), median of {result['reps']}"
-    )
+    print(f"\n### {result['shape']}, batch {result['batch']}, {result['threads']} thread(s)")
     p = result["peak_gflop_per_s"]
     print(f"matmul peak (2048², same threads): fp32 {p['fp32']:.0f} GFLOP/s, bf16 {p['bf16']:.0f} GFLOP/s\n")
-    print("| contender | images/s | ÷ tutorial | GFLOP/step | GFLOP/s | share of peak | compile s |")
-    print("|---|---|---|---|---|---|---|")
-    by_name = {}
+    if result["rows"]:
+        print(f"median of {result['reps']} interleaved repetitions:\n")
+        print("| contender | images/s | ÷ tutorial | GFLOP/step | GFLOP/s | share of peak | compile s |")
+        print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        by_name[r["contender"]] = r
         mark = " **(default)**" if r["contender"].endswith(default) and "compiled" not in r["contender"] else ""
         compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "–"
         print(
             f"| {r['contender']}{mark} | {r['images_per_s']:.1f} | {r['vs_tutorial']:.2f} | "
             f"{r['gflop_per_step']:.1f} | {r['gflop_per_s']:.1f} | {100 * r['share_of_peak']:.1f} % | {compile_s} |"
         )
-    standard, decomposed = by_name[f"standard, {default}"], by_name[f"decomposed N1=N2=1, {default}"]
-    goal = 2.5 if result["shape"] == "64x64x3" else 1.8
-    print(
-        f"\ndefault standard step ÷ fp32 tutorial loop = {standard['vs_tutorial']:.2f} (goal >= {goal}); "
-        f"decomposed time ÷ standard time = {standard['images_per_s'] / decomposed['images_per_s']:.2f} (goal <= 1.0)"
-    )
+    goals = result["paired_goals"]
+    if goals:
+        goal = 2.5 if result["shape"] == "64x64x3" else 1.8
+        speedup, time_ratio = goals["standard_vs_tutorial"], goals["decomposed_time_vs_standard"]
+        print(
+            f"\npaired over {goals['rounds']} rounds, median [quartiles] (range):\n"
+            f"  default standard step ÷ fp32 tutorial loop = {spread(speedup)} (goal >= {goal})\n"
+            f"  default decomposed time ÷ standard time = {spread(time_ratio)} (goal <= 1.0)"
+        )
+
+
+def spread(s: dict) -> str:
+    return f"{s['median']:.2f} [{s['q1']:.2f}–{s['q3']:.2f}] ({s['min']:.2f}–{s['max']:.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5, 10 paired rounds")
+    parser.add_argument("--paired", type=int, help="rounds of the paired goal measurement (default 20; 0: none)")
+    parser.add_argument("--goals-only", action="store_true", help="only the paired goal ratios, no table")
     parser.add_argument("--shapes", default="64x64x3,32x32x1")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--compile", action="store_true", help="also every contender under torch.compile")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args()
+    if args.paired is not None and (args.paired < 0 or args.paired == 1):
+        parser.error(f"--paired {args.paired}: expected 0 (no paired measurement) or at least 2 rounds")
+    if args.goals_only and args.paired == 0:
+        parser.error("--goals-only with --paired 0 measures nothing: expected at least 2 rounds")
     cpu = torch.device("cpu")
     precision, channels_last, why = numeric_format(load_config(None), cpu)
     default = f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
@@ -256,7 +316,9 @@ def main() -> None:
     results = []
     for threads in (int(t) for t in args.threads.split(",")):
         for shape in args.shapes.split(","):
-            results.append(measure(threads, shape, 3 if args.quick else 5, args.compile))
+            reps = 0 if args.goals_only else 3 if args.quick else 5
+            rounds = args.paired if args.paired is not None else 10 if args.quick else 20
+            results.append(measure(threads, shape, reps, rounds, args.compile, default))
             report(results[-1], default)
     if args.json:
         with open(args.json, "w") as out:
