@@ -11,10 +11,10 @@ is a 2048² matmul in the same precision on the same threads, measured in the sa
 The goals (the default standard step ÷ the tutorial loop, the default decomposed step's time ÷ the
 standard one's) are judged on paired ratios: after the table, the three contenders they involve run
 back to back ``--paired`` times, each ratio is taken within one such round (seconds apart), and the
-median and the range of those ratios are reported. A machine whose speed drifts over minutes moves
+median, quartiles and range of those ratios are reported. A machine whose speed drifts over minutes moves
 both sides of a pair alike.
 
-    python benchmarks/speed.py                     # both shapes, 1 and 2 threads (about 10 minutes alone)
+    python benchmarks/speed.py                     # both shapes, 1 and 2 threads (15–20 minutes alone)
     python benchmarks/speed.py --compile           # and every contender compiled (compile time apart)
     python benchmarks/speed.py --quick --threads 1 --shapes 32x32x1
     python benchmarks/speed.py --goals-only --paired 30   # only the paired goal ratios
