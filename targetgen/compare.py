@@ -495,6 +495,8 @@ def final_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: float) -> dict[str, Any]:
+    from .training.builder import cpu_model  # torch: only once runs are trained, never for planning
+
     run_dir = plan.run_dir(run)
     metrics, last = final_metrics(run_dir)
     summary = {
@@ -509,6 +511,7 @@ def _summarise(plan: Plan, run: PlannedRun, resumed_from: int | None, wall_s: fl
         "train_s": last.get("train_s"),
         "max_seconds": run.config["train"].get("max_seconds"),
         "wall_s": wall_s,
+        "cpu": cpu_model(),
         "resumed_from": resumed_from,
         "metrics": metrics,
     }

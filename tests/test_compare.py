@@ -17,6 +17,7 @@ from targetgen.errors import ConfigError, PluginError
 from targetgen.report import Group, headline, mean_se, write_report
 from targetgen.training import callbacks as callbacks_module
 from targetgen.training import train
+from targetgen.training.builder import cpu_model
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -253,6 +254,7 @@ def test_tiny_comparison_writes_the_report_and_skips_finished_runs(tmp_path):
         # 500 points in batches of 64 (the last one 52): 30 steps = 3 epochs + 6 batches
         assert row["steps"] == "30" and row["images_seen"] == str(3 * 500 + 6 * 64)
         assert float(row["train_s"]) > 0 and 0 <= float(row["high_quality_share"]) <= 1
+        assert row["cpu"] == cpu_model()
         assert math.isfinite(float(row["fid_pixels"]))
     report = (out / "report.md").read_text()
     assert "## fid_pixels (lower is better)" in report and "standard G-lr=0.0008 (control)" in report
@@ -339,6 +341,7 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):
     assert not outcome.failed and len(outcome.finished) == 1
     summary = outcome.finished[0]
     assert summary["resumed_from"] == 10 and summary["steps"] == 30
+    assert summary["cpu"] == cpu_model()  # the machine its train_s and wall_s were measured on
     assert "resuming from step 10" in (out / "logs" / f"{run.name}.log").read_text()
     steps = [json.loads(line)["step"] for line in (plan.run_dir(run) / "metrics.jsonl").read_text().splitlines()]
     # a log line every 5 steps, an evaluation every 10: nothing before step 10 repeated, nothing lost

@@ -2,6 +2,7 @@
 cudnn.benchmark; their code paths exercised on CPU, exact resume in bf16."""
 
 import json
+import platform
 import warnings
 
 import pytest
@@ -91,6 +92,17 @@ def test_auto_chooses_bf16_where_the_hardware_computes_it_and_records_it(tmp_pat
     matmul = units == "AMX" and data == "digits"
     assert any(isinstance(m, MatmulConvTranspose2d) for m in run.generator.modules()) == matmul
     assert ("4×4 layers by matmul" in run.runtime) == matmul
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu amx_bf16 avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu amx_bf16 avx512_bf16\n"
+    )
+    assert builder.cpu_model(str(cpuinfo)) == "Intel(R) Xeon(R) Processor"
+    assert builder.cpu_model(str(tmp_path / "absent")) == (platform.processor() or "unknown")
+    assert builder._cpuinfo("flags", str(cpuinfo)) == ["fpu amx_bf16 avx512_bf16"] * 2
 
 
 def test_this_machines_choice_follows_its_cpu_flags():

@@ -9,6 +9,7 @@ rebuild a trained run from its directory.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import time
 import warnings
@@ -113,11 +114,22 @@ def native_bf16(device: torch.device) -> str | None:
 
 
 def _cpu_flags() -> set[str]:
+    return {flag for line in _cpuinfo("flags") for flag in line.split()}
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``lscpu``'s), for the records of timed runs: speeds differ between machines."""
+    names = _cpuinfo("model name", cpuinfo)
+    return names[0] if names else platform.processor() or "unknown"
+
+
+def _cpuinfo(key: str, path: str = "/proc/cpuinfo") -> list[str]:
+    """The values of ``key`` in ``path``, one per logical CPU; none when it cannot be read (not Linux)."""
     try:
-        with open("/proc/cpuinfo") as info:
-            return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:  # not Linux
-        return set()
+        with open(path) as info:
+            return [line.split(":", 1)[1].strip() for line in info if line.split(":", 1)[0].strip() == key]
+    except OSError:
+        return []
 
 
 @dataclass(frozen=True)
