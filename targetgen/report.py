@@ -111,7 +111,7 @@ def write_results_csv(groups: list[Group], path: Path) -> None:
                     "steps": s["steps"],
                     "images_seen": s["images_seen"],
                     "train_s": s["train_s"],
-                    "cpu": s.get("cpu"),  # summaries before 0.3 do not name it
+                    "cpu": s.get("cpu"),  # summaries written before it was recorded lack it
                     **settings,
                     **s["metrics"],
                 }
