@@ -20,34 +20,26 @@ import time
 import torch
 from torch import nn
 
-from targetgen.models import MatmulConv2d, MatmulConvTranspose2d
+from targetgen.models import Discriminator, Generator, MatmulConv2d, MatmulConvTranspose2d
 
 BATCH = 128
-# (network, in channels, out channels, input side, stride, padding): D's convolutions, then G's transposed ones
-LAYERS = {
-    "64x64x3": [
-        ("D", 3, 64, 64, 2, 1),
-        ("D", 64, 128, 32, 2, 1),
-        ("D", 128, 256, 16, 2, 1),
-        ("D", 256, 512, 8, 2, 1),
-        ("D", 512, 1, 4, 1, 0),
-        ("G", 100, 512, 1, 1, 0),
-        ("G", 512, 256, 4, 2, 1),
-        ("G", 256, 128, 8, 2, 1),
-        ("G", 128, 64, 16, 2, 1),
-        ("G", 64, 3, 32, 2, 1),
-    ],
-    "32x32x1": [
-        ("D", 1, 32, 32, 2, 1),
-        ("D", 32, 64, 16, 2, 1),
-        ("D", 64, 128, 8, 2, 1),
-        ("D", 128, 1, 4, 1, 0),
-        ("G", 100, 128, 1, 1, 0),
-        ("G", 128, 64, 4, 2, 1),
-        ("G", 64, 32, 8, 2, 1),
-        ("G", 32, 1, 16, 2, 1),
-    ],
-}
+SHAPES = {"64x64x3": (64, 3, 64), "32x32x1": (32, 1, 32)}  # image side, channels, ngf = ndf
+
+
+def dcgan_layers(side: int, channels: int, width: int) -> list[tuple[str, nn.Module, int]]:
+    """Every convolution of targetgen's DCGAN networks at this shape, as (network, layer, input side):
+    D's, then G's, read off one forward pass of each."""
+    found = []
+    for net, network, x in (
+        ("D", Discriminator(width, channels, side), torch.zeros(1, channels, side, side)),
+        ("G", Generator(100, width, channels, side), torch.zeros(1, 100, 1, 1)),
+    ):
+        for layer in network.modules():
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                layer.register_forward_hook(lambda m, inputs, out, net=net: found.append((net, m, inputs[0].shape[-1])))
+        with torch.no_grad():
+            network.eval()(x)
+    return found
 
 
 def pass_ms(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, input_grad: bool, reps: int) -> float:
@@ -75,8 +67,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {BATCH}, bf16 autocast, channels-last\n")
     print("| shape | layer | output side | with input grad: oneDNN / matmul ms | × | without: oneDNN / matmul ms | × |")
     print("|---|---|---|---|---|---|---|")
-    for shape, layers in LAYERS.items():
-        for net, c_in, c_out, side, stride, padding in layers:
+    for shape, dimensions in SHAPES.items():
+        for net, layer, side in dcgan_layers(*dimensions):
+            c_in, c_out, stride, padding = layer.in_channels, layer.out_channels, layer.stride[0], layer.padding[0]
             if net == "D":
                 library = nn.Conv2d(c_in, c_out, 4, stride, padding, bias=False)
                 matmul = MatmulConv2d(c_in, c_out, 4, stride, padding, bias=False)
