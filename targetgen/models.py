@@ -299,16 +299,31 @@ def _windows(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
 
 def _sum_windows(rows: Tensor, shape: torch.Size, kernel: int, stride: int, padding: int) -> Tensor:
     """The adjoint of ``_windows``: each row added back where its window lies, into a channels-last tensor
-    of ``shape`` (N×C×H×W); one strided add per kernel position (col2im)."""
+    of ``shape`` (N×C×H×W) (col2im).
+
+    Kernel row kh = stride·d + a puts its block at padded row stride·(i + d) + a: for each of the
+    ⌈kernel / stride⌉² shifts (d, e) the blocks land unshifted in (a, b) on the output moved by (d, e)
+    windows. So col2im is that many adds of whole blocks (4 for the DCGAN's stride-2 layers, not one
+    strided add per kernel position, which bf16 runs several times slower on CPU).
+    """
     n, c, h, w = shape
     ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    if ho == wo == 1:  # one window overlaps nothing, whatever the stride: one add
+        stride = kernel
+    m = -(-kernel // stride)
     blocks = rows.view(n, ho, wo, kernel, kernel, c)
-    out = rows.new_zeros(n, h + 2 * padding, w + 2 * padding, c)
-    for kh in range(kernel):
-        for kw in range(kernel):
-            out[:, kh : kh + stride * (ho - 1) + 1 : stride, kw : kw + stride * (wo - 1) + 1 : stride] += blocks[
-                :, :, :, kh, kw
-            ]
+    if m * stride != kernel:  # kernel rows past the kernel add zeros
+        extra = m * stride - kernel
+        blocks = nn.functional.pad(blocks, (0, 0, 0, extra, 0, extra))
+    blocks = blocks.view(n, ho, wo, m, stride, m, stride, c)
+    # rows stride·r + a of the padded output; more than the windows reach where the convolution's floor left some
+    rows_h = max(ho + m - 1, -(-(h + 2 * padding) // stride))
+    rows_w = max(wo + m - 1, -(-(w + 2 * padding) // stride))
+    out = rows.new_zeros(n, rows_h, stride, rows_w, stride, c)
+    for d in range(m):
+        for e in range(m):
+            out[:, d : d + ho, :, e : e + wo] += blocks[:, :, :, d, :, e].permute(0, 1, 3, 2, 4, 5)
+    out = out.view(n, stride * rows_h, stride * rows_w, c)
     return out[:, padding : padding + h, padding : padding + w].permute(0, 3, 1, 2)
 
 
