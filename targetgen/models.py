@@ -319,11 +319,14 @@ def _sum_windows(rows: Tensor, shape: torch.Size, kernel: int, stride: int, padd
     # rows stride·r + a of the padded output; more than the windows reach where the convolution's floor left some
     rows_h = max(ho + m - 1, -(-(h + 2 * padding) // stride))
     rows_w = max(wo + m - 1, -(-(w + 2 * padding) // stride))
-    out = rows.new_zeros(n, rows_h, stride, rows_w, stride, c)
-    for d in range(m):
-        for e in range(m):
-            out[:, d : d + ho, :, e : e + wo] += blocks[:, :, :, d, :, e].permute(0, 1, 3, 2, 4, 5)
-    out = out.view(n, stride * rows_h, stride * rows_w, c)
+    if m == 1 and (rows_h, rows_w) == (ho, wo):  # windows that tile the output: the blocks are the output
+        out = blocks[:, :, :, 0, :, 0].permute(0, 1, 3, 2, 4, 5).reshape(n, stride * ho, stride * wo, c)
+    else:
+        out = rows.new_zeros(n, rows_h, stride, rows_w, stride, c)
+        for d in range(m):
+            for e in range(m):
+                out[:, d : d + ho, :, e : e + wo] += blocks[:, :, :, d, :, e].permute(0, 1, 3, 2, 4, 5)
+        out = out.view(n, stride * rows_h, stride * rows_w, c)
     return out[:, padding : padding + h, padding : padding + w].permute(0, 3, 1, 2)
 
 
@@ -462,63 +465,12 @@ class MatmulConvTranspose2d(_ByMatmul, nn.ConvTranspose2d):
     transposed = True
 
 
-class LatentProjection(nn.Module):
-    """The generator's first layer, ConvTranspose2d(nz, C, k) on a 1×1 latent, as the matmul it is.
-
-    Same function, computed differently: on CPU oneDNN runs this layer at a
-    fraction of matmul speed (0.39 s against 0.12 s over a digits re-match).
-    The output comes out channels-last, the layout the next layers are in.
-    """
-
-    def __init__(self, conv: nn.ConvTranspose2d):
-        super().__init__()
-        shape = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        if shape != ((1, 1), (0, 0), (1, 1), 1) or conv.bias is not None:
-            raise ValueError(f"LatentProjection: expected a stride-1, unpadded, bias-free projection, got {conv}")
-        nz, channels, kh, kw = conv.weight.shape
-        self.out_shape = (kh, kw, channels)
-        self.register_buffer("weight", conv.weight.detach().permute(0, 2, 3, 1).reshape(nz, kh * kw * channels))
-
-    def forward(self, z: Tensor) -> Tensor:
-        if z.shape[2:] != (1, 1):
-            raise ValueError(f"LatentProjection: expected latents of shape N×nz×1×1, got {tuple(z.shape)}")
-        return (z.flatten(1) @ self.weight).view(len(z), *self.out_shape).permute(0, 3, 1, 2)
-
-
-class UpsamplingByMatmul(nn.Module):
-    """ConvTranspose2d(kernel 4, stride 2, padding 1) as one matmul and four shifted adds.
-
-    For the image layer (1 or 3 output channels), where oneDNN's kernels,
-    vectorised over output channels, run mostly empty on CPU (0.77 s against
-    0.26 s over a digits re-match; 3.5 s against 2.4 s per 17,970 samples
-    for CelebA's 3-channel layer, small beside its middle layers there).
-
-    Every input pixel (i, j) adds the 4×4 block ``x[i, j] · W`` to the output
-    at rows 2i − 1 + kh and columns 2j − 1 + kw. Splitting kh = 2·dh + a (and
-    kw likewise) writes that row as 2(i + dh) + a − 1: for each of the four
-    (dh, dw) the blocks land, unshifted in a, b, on the output moved by
-    (dh, dw) input pixels.
-    """
-
-    def __init__(self, conv: nn.ConvTranspose2d):
-        super().__init__()
-        shape = (conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation, conv.groups)
-        if shape != ((4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1) or conv.bias is not None:
-            raise ValueError(
-                f"UpsamplingByMatmul: expected ConvTranspose2d(kernel 4, stride 2, padding 1, no bias), got {conv}"
-            )
-        c_in, self.c_out = conv.weight.shape[:2]
-        self.register_buffer("weight", conv.weight.detach().permute(0, 2, 3, 1).reshape(c_in, 16 * self.c_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c_in, h, w = x.shape
-        blocks = (x.permute(0, 2, 3, 1).reshape(-1, c_in) @ self.weight).view(n, h, w, 2, 2, 2, 2, self.c_out)
-        padded = x.new_zeros(n, h + 1, 2, w + 1, 2, self.c_out)  # rows 2(i + dh) + a, one pixel of padding each side
-        for dh in (0, 1):
-            for dw in (0, 1):
-                padded[:, dh : dh + h, :, dw : dw + w] += blocks[:, :, :, dh, :, dw].permute(0, 1, 3, 2, 4, 5)
-        image = padded.view(n, 2 * h + 2, 2 * w + 2, self.c_out)[:, 1:-1, 1:-1]
-        return image.permute(0, 3, 1, 2)
+def _transposed_by_matmul(conv: nn.ConvTranspose2d) -> MatmulConvTranspose2d:
+    """``conv`` as a ``MatmulConvTranspose2d`` sharing its weight."""
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    layer = MatmulConvTranspose2d(conv.in_channels, conv.out_channels, k, s, p, bias=False, device="meta")
+    layer.weight = conv.weight
+    return layer
 
 
 def sampling_copy(generator: nn.Module) -> nn.Module:
@@ -526,13 +478,13 @@ def sampling_copy(generator: nn.Module) -> nn.Module:
 
     A copy, so that its train-mode BatchNorm forward passes leave the real
     generator's running statistics alone. For the DCGAN generator on CPU: the
-    images channels-last (the layout oneDNN convolves fastest, 1.4× on
-    digits), and the first and the image layer computed by matmul (above);
-    the layers between stay with oneDNN, which runs them near matmul speed.
-    With IMLE's generation and search batches, a digits re-match takes
-    2.3–3.0 s instead of 3.6–4.6 s (``python benchmarks/search.py --only digits``, 2
-    cores). The copy computes the same function up to float rounding
-    (tests/test_models.py).
+    images channels-last (the layout oneDNN convolves fastest), and the first
+    and the image layer computed by matmul (``MatmulConvTranspose2d``), where
+    oneDNN's kernels run far below matmul speed: on the 1×1 latent, and
+    vectorised over the image's 1 or 3 output channels. The layers between stay
+    with oneDNN, which runs them near matmul speed in fp32
+    (``python benchmarks/search.py --only digits`` times a digits re-match). The
+    copy computes the same function up to float rounding (tests/test_models.py).
     """
     sampler = deepcopy(generator)
     if not isinstance(sampler, Generator):
@@ -540,8 +492,8 @@ def sampling_copy(generator: nn.Module) -> nn.Module:
     sampler = sampler.to(memory_format=torch.channels_last)
     if next(sampler.parameters()).device.type == "cpu":
         convs = [i for i, layer in enumerate(sampler.main) if isinstance(layer, nn.ConvTranspose2d)]
-        sampler.main[convs[0]] = LatentProjection(sampler.main[convs[0]])
-        sampler.main[convs[-1]] = UpsamplingByMatmul(sampler.main[convs[-1]])
+        for i in (convs[0], convs[-1]):
+            sampler.main[i] = _transposed_by_matmul(sampler.main[i])
     return sampler
 
 

@@ -13,13 +13,11 @@ from targetgen.models import (
     ACTIVATIONS,
     Discriminator,
     Generator,
-    LatentProjection,
     MatmulConv2d,
     MatmulConvTranspose2d,
     Maxout,
     MLPGenerator,
     MLPSpec,
-    UpsamplingByMatmul,
     build_discriminator,
     build_generator,
     sampling_copy,
@@ -73,36 +71,6 @@ def test_initialisation_follows_the_tutorial():
     assert abs(conv.std().item() - 0.02) < 0.001 and abs(conv.mean().item()) < 0.001
     assert abs(bn.weight.mean().item() - 1.0) < 0.01 and abs(bn.weight.std().item() - 0.02) < 0.01
     assert torch.all(bn.bias == 0)
-
-
-@pytest.mark.parametrize("c_in, c_out, h, w", [(5, 1, 3, 4), (4, 3, 6, 2), (2, 7, 1, 1)])
-def test_upsampling_by_matmul_is_the_transposed_convolution(c_in, c_out, h, w):
-    torch.manual_seed(0)
-    conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False).double()
-    x = torch.randn(3, c_in, h, w, dtype=torch.float64)
-    expected = conv(x)
-    assert expected.shape == (3, c_out, 2 * h, 2 * w)
-    torch.testing.assert_close(UpsamplingByMatmul(conv)(x), expected, rtol=0, atol=1e-12)
-
-
-def test_latent_projection_is_the_first_layer():
-    torch.manual_seed(0)
-    conv = nn.ConvTranspose2d(6, 5, 4, 1, 0, bias=False).double()
-    z = torch.randn(3, 6, 1, 1, dtype=torch.float64)
-    torch.testing.assert_close(LatentProjection(conv)(z), conv(z), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match=r"latents of shape N×nz×1×1, got \(3, 6, 2, 2\)"):
-        LatentProjection(conv)(torch.randn(3, 6, 2, 2, dtype=torch.float64))
-
-
-def test_layers_other_than_theirs_are_refused():
-    with pytest.raises(ValueError, match="stride-1, unpadded"):
-        LatentProjection(nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=False))
-    with pytest.raises(ValueError, match="stride-1, unpadded"):
-        LatentProjection(nn.ConvTranspose2d(4, 4, 4, 1, 0, dilation=2, bias=False))
-    with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1, no bias"):
-        UpsamplingByMatmul(nn.ConvTranspose2d(4, 4, 3, 2, 1, bias=False))
-    with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1, no bias"):
-        UpsamplingByMatmul(nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=True))
 
 
 MATMUL_LAYERS = [  # (transposed, in, out, kernel, stride, padding, input side): the DCGAN's and others
@@ -202,7 +170,8 @@ def test_sampling_copy_is_the_same_generator_and_leaves_it_alone(image_shape):
     buffers = {name: b.clone() for name, b in g.named_buffers()}
     sampler = sampling_copy(g)
     swapped = [type(layer) for layer in sampler.main if not isinstance(layer, (nn.BatchNorm2d, nn.ReLU, nn.Tanh))]
-    assert swapped[0] is LatentProjection and swapped[-1] is UpsamplingByMatmul
+    assert swapped[0] is swapped[-1] is MatmulConvTranspose2d and nn.ConvTranspose2d in swapped[1:-1]
+    assert sampler.main[0].weight is not g.main[0].weight  # a copy: matching cannot move the generator
     z = torch.randn(8, 10, 1, 1, dtype=torch.float64)
     with torch.no_grad():
         fast = sampler(z)
@@ -221,7 +190,7 @@ def test_sampling_copy_of_other_generators_is_a_plain_copy():
 def test_sampling_copy_keeps_the_library_layers_off_the_cpu():
     # The matmul layers are a CPU measure; a GPU keeps cuDNN's kernels (here: the meta device).
     sampler = sampling_copy(build_generator((1, 32, 32), ModelConfig(nz=10, ngf=4)).to("meta"))
-    assert not any(isinstance(layer, (LatentProjection, UpsamplingByMatmul)) for layer in sampler.main)
+    assert not any(isinstance(layer, MatmulConvTranspose2d) for layer in sampler.main)
 
 
 # ----------------------------------------------------------------------------- toy2d MLPs
