@@ -469,6 +469,9 @@ def _transposed_by_matmul(conv: nn.ConvTranspose2d) -> MatmulConvTranspose2d:
     """``conv`` as a ``MatmulConvTranspose2d`` sharing its weight."""
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     layer = MatmulConvTranspose2d(conv.in_channels, conv.out_channels, k, s, p, bias=False, device="meta")
+    geometry = ("kernel_size", "stride", "padding", "output_padding", "dilation", "groups")
+    if conv.bias is not None or any(getattr(layer, g) != getattr(conv, g) for g in geometry):
+        raise ValueError(f"_transposed_by_matmul: expected a square, bias-free ConvTranspose2d, got {conv}")
     layer.weight = conv.weight
     return layer
 

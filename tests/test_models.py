@@ -18,6 +18,7 @@ from targetgen.models import (
     Maxout,
     MLPGenerator,
     MLPSpec,
+    _transposed_by_matmul,
     build_discriminator,
     build_generator,
     sampling_copy,
@@ -178,6 +179,19 @@ def test_sampling_copy_is_the_same_generator_and_leaves_it_alone(image_shape):
         for name, b in g.named_buffers():  # the copy's BatchNorm passes did not reach the generator
             assert torch.equal(b, buffers[name]), name
         torch.testing.assert_close(fast, g(z), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.ConvTranspose2d(4, 4, (4, 3), 2, 1, bias=False),
+        nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=True),
+        nn.ConvTranspose2d(4, 4, 4, 2, 1, output_padding=1, bias=False),
+    ],
+)
+def test_only_layers_the_matmul_layer_computes_alike_are_swapped(conv):
+    with pytest.raises(ValueError, match="square, bias-free ConvTranspose2d"):
+        _transposed_by_matmul(conv)
 
 
 def test_sampling_copy_of_other_generators_is_a_plain_copy():
